@@ -1,0 +1,271 @@
+"""The job file: one YAML document describing a federated-learning job.
+
+Validated with pydantic. `load_job` is the one place that turns a validation
+error into the one-line message users see (`JobError`, exit code 2).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BUILTIN_APPS = ("mnist",)
+DATASETS = ("mnist-5k", "mnist", "digits")
+TARGETS = ("local", "compose", "swarm", "k8s")
+
+_MEM_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kb": 1024, "kib": 1024,
+    "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1024**3, "gib": 1024**3,
+}
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
+
+
+class JobError(ValueError):
+    """A bad job file; the message is one line naming the field or file."""
+
+
+def parse_memory(value: str | int) -> int:
+    """'512m', '1g', '1.5GiB' or a byte count -> bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _MEM_UNITS:
+        raise ValueError(f"{value!r} is not a memory size; use e.g. 512m or 2g")
+    return int(float(m.group(1)) * _MEM_UNITS[m.group(2).lower()])
+
+
+def format_memory(n: int) -> str:
+    """Bytes -> the shortest exact docker-style size ('512m', '2g')."""
+    for unit, size in (("g", 1024**3), ("m", 1024**2), ("k", 1024)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Partition(_Strict):
+    kind: Literal["iid", "dirichlet", "shards"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration; smaller is more skewed.")
+    shards_per_device: int = Field(2, ge=1, description="Label-sorted shards each device gets (kind: shards).")
+    seed: int = 42
+
+
+class Data(_Strict):
+    dataset: Literal["mnist-5k", "mnist", "digits"] = "mnist-5k"
+    path: Path | None = Field(None, description="Directory holding MNIST IDX files (dataset: mnist).")
+    partition: Partition = Partition()
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="Held-out share for central evaluation.")
+
+    @model_validator(mode="after")
+    def _path_for_mnist(self) -> "Data":
+        if self.dataset == "mnist" and self.path is None:
+            raise ValueError("dataset 'mnist' needs data.path: a directory with the MNIST IDX files")
+        return self
+
+
+class Train(_Strict):
+    batch_size: int = Field(32, ge=1, le=65536)
+    lr: float = Field(0.05, gt=0, le=10)
+    local_epochs: float = Field(1, gt=0, le=1000, description="Passes over the local data per round; may be fractional.")
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class TrainOverride(_Strict):
+    batch_size: int | None = Field(None, ge=1, le=65536)
+    lr: float | None = Field(None, gt=0, le=10)
+    local_epochs: float | None = Field(None, gt=0, le=1000)
+    momentum: float | None = Field(None, ge=0, lt=1)
+
+
+class Strategy(_Strict):
+    name: Literal["fedavg"] = "fedavg"
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    min_devices: int = Field(2, ge=1, description="Fewest devices a round needs; the run fails below it.")
+
+
+class Placement(_Strict):
+    hostname: str | None = None
+    labels: dict[str, str] = {}
+    arch: str | None = None
+
+
+class DeviceClass(_Strict):
+    name: str
+    count: int = Field(1, ge=1, le=256)
+    cpus: float | None = Field(None, gt=0, le=1024, description="CPU quota; fractional allowed.")
+    memory: int | None = Field(None, description="Memory limit, e.g. 512m or 2g.")
+    train: TrainOverride = TrainOverride()
+    placement: Placement = Placement()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("use lower-case letters, digits and '-' (like a hostname)")
+        return v
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v):
+        if v is None:
+            return None
+        n = parse_memory(v)
+        if n < 64 * 1024**2:
+            raise ValueError("at least 64m: a Flower SuperNode alone needs more")
+        return n
+
+
+class ThrottleStep(_Strict):
+    device: str
+    at_s: float | None = Field(None, ge=0, description="Seconds after the first round starts.")
+    at_round: int | None = Field(None, ge=1)
+    cpus: float | None = Field(None, gt=0)
+    memory: int | None = None
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, v):
+        return None if v is None else parse_memory(v)
+
+    @model_validator(mode="after")
+    def _when(self) -> "ThrottleStep":
+        if (self.at_s is None) == (self.at_round is None):
+            raise ValueError("give exactly one of at_s or at_round")
+        if self.cpus is None and self.memory is None:
+            raise ValueError("give cpus or memory (or both)")
+        return self
+
+
+class Heterogeneity(_Strict):
+    # manual with no per-class overrides is plain FedAvg with one parameter set.
+    policy: Literal["none", "manual", "auto"] = "manual"
+    deadline_factor: float = Field(1.5, gt=1, description="auto: round deadline = factor x median device time.")
+    proximal_mu: float = Field(0.0, ge=0, description="auto: FedProx proximal term weight (0 = off).")
+    throttle: list[ThrottleStep] = []
+
+
+class Job(_Strict):
+    name: str
+    app: str = Field("mnist", description="A built-in app (mnist) or a path to a Flower App directory.")
+    data: Data = Data()
+    rounds: int = Field(5, ge=1, le=10000)
+    strategy: Strategy = Strategy()
+    train: Train = Train()
+    heterogeneity: Heterogeneity = Heterogeneity()
+    devices: list[DeviceClass] = Field(min_length=1)
+    target: Literal["local", "compose", "swarm", "k8s"] = "local"
+    runs_dir: Path = Path("runs")
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("use lower-case letters, digits and '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _fleet(self) -> "Job":
+        names = [d.name for d in self.devices]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"device class names must be unique; repeated: {', '.join(sorted(dup))}")
+        if self.heterogeneity.policy == "none":
+            for i, d in enumerate(self.devices):
+                if d.train.model_dump(exclude_none=True):
+                    raise ValueError(
+                        f"devices[{i}].train overrides are ignored under heterogeneity.policy 'none'; "
+                        "remove them or use policy 'manual'"
+                    )
+        known = {f"{d.name}-{i}" for d in self.devices for i in range(1, d.count + 1)}
+        for i, step in enumerate(self.heterogeneity.throttle):
+            if step.device not in known:
+                raise ValueError(
+                    f"heterogeneity.throttle[{i}].device {step.device!r} is not a device of this job "
+                    f"(devices are named <class>-<n>, e.g. {sorted(known)[0]})"
+                )
+        total = sum(d.count for d in self.devices)
+        if self.strategy.min_devices > total:
+            raise ValueError(
+                f"strategy.min_devices is {self.strategy.min_devices} but the fleet has only {total} devices"
+            )
+        return self
+
+    @property
+    def device_count(self) -> int:
+        return sum(d.count for d in self.devices)
+
+
+def _field_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _first_error(err: ValidationError, source: str) -> str:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
+    field = _field_path(loc) or "(top level)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown field; check its spelling (flotilla schema lists the fields)"
+    elif e["type"] == "missing":
+        msg = "required field is missing"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {field}: {msg}{more}"
+
+
+def parse_job(doc: object, source: str = "job") -> Job:
+    if not isinstance(doc, dict):
+        raise JobError(f"{source}: expected a mapping of job fields at the top level")
+    try:
+        return Job.model_validate(doc)
+    except ValidationError as err:
+        raise JobError(_first_error(err, source)) from None
+
+
+def load_job(path: str | Path, check_paths: bool = True) -> Job:
+    """Read, validate and resolve a job file. Relative paths are taken from the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise JobError(f"{path}: job file not found")
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise JobError(f"{path}: not valid YAML{where}") from None
+    job = parse_job(doc, str(path))
+    base = path.resolve().parent
+    if job.data.path is not None and not job.data.path.is_absolute():
+        job.data.path = base / job.data.path
+    if check_paths:
+        check_job_paths(job, str(path))
+    return job
+
+
+def check_job_paths(job: Job, source: str = "job") -> None:
+    if job.data.path is not None and not job.data.path.is_dir():
+        raise JobError(f"{source}: data.path: {job.data.path} is not a directory; point it at the MNIST IDX files")
+    if job.app not in BUILTIN_APPS and not (Path(job.app) / "pyproject.toml").is_file():
+        raise JobError(
+            f"{source}: app: {job.app!r} is neither a built-in app ({', '.join(BUILTIN_APPS)}) "
+            "nor a Flower App directory with a pyproject.toml"
+        )
+
+
+def job_schema() -> dict:
+    return Job.model_json_schema()

@@ -1,0 +1,61 @@
+"""The one small interface every target implements.
+
+A target turns a Plan into a running federation (SuperLink + one SuperNode
+per device) and takes it down again. Submitting the Flower App, following
+the run and writing the record is the driver's job (flotilla.driver), the
+same for every target. Adding a target = one new module + one line in
+flotilla.targets.REGISTRY.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from flotilla.plan import Plan
+from flotilla.runs import RunRecord
+
+
+class TargetError(RuntimeError):
+    """A target could not do what was asked; the message says what to do."""
+
+
+@dataclass
+class Federation:
+    """What the driver needs to submit an app to a started federation."""
+
+    control_address: str  # host:port of the SuperLink's Control API, as seen from this machine
+    insecure: bool = True
+    root_certificates: str | None = None  # path to the CA cert when TLS is on
+    # Where the ServerApp writes its records, as seen by the ServerApp
+    # (containers mount the run directory at another path).
+    output_dir: str | None = None
+
+
+class Target(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def render(self, plan: Plan, out_dir: Path) -> list[Path]:
+        """Write the artifacts that run `plan` on this target; return their paths."""
+
+    @abstractmethod
+    def up(self, plan: Plan, run: RunRecord) -> Federation:
+        """Start the SuperLink and every device; return once the SuperLink answers.
+
+        Must record in run.state() whatever `down` needs to clean up from
+        another process (pids, process groups, cgroups, project names).
+        """
+
+    @abstractmethod
+    def device_states(self, run: RunRecord) -> dict[str, str]:
+        """Device name -> 'running' | 'exited' | 'starting' | 'stopped'."""
+
+    @abstractmethod
+    def down(self, run: RunRecord) -> None:
+        """Stop and remove everything `up` started. Idempotent; safe from any process."""
+
+    def log_path(self, run: RunRecord, device: str | None) -> Path:
+        """Log file of a device (or of the SuperLink when device is None)."""
+        return run.log_path(device or "superlink")
