@@ -74,7 +74,7 @@ class Data(_Strict):
 
 class Train(_Strict):
     batch_size: int = Field(32, ge=1, le=65536)
-    lr: float = Field(0.05, gt=0, le=10)
+    lr: float = Field(0.02, gt=0, le=10)
     local_epochs: float = Field(1, gt=0, le=1000, description="Passes over the local data per round; may be fractional.")
     momentum: float = Field(0.9, ge=0, lt=1)
 

@@ -121,3 +121,17 @@ def make_plan(job: Job) -> Plan:
                 )
             )
     return Plan(job=job, devices=devices)
+
+
+def format_node_config(cfg: dict[str, object]) -> str:
+    """A dict as flwr's --node-config / --run-config string: `k=v` pairs, strings quoted (TOML values)."""
+    parts = []
+    for k, v in cfg.items():
+        if isinstance(v, bool):
+            val = "true" if v else "false"
+        elif isinstance(v, (int, float)):
+            val = repr(v)
+        else:
+            val = '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        parts.append(f"{k}={val}")
+    return " ".join(parts)

@@ -1,0 +1,82 @@
+"""The ClientApp. Thin on purpose: flwr spawns a fresh process per message,
+so this module imports only flwr and the standard library, and hands the
+work to the device's warm trainer (node config `trainer`) when it has one.
+"""
+
+from __future__ import annotations
+
+import time
+from multiprocessing.connection import Client
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+app = ClientApp()
+_local_trainer = None
+
+
+def _call(ctx: Context, op: str, payload: dict | None = None):
+    sock = ctx.node_config.get("trainer")
+    if sock:
+        with Client(str(sock), family="AF_UNIX") as conn:
+            conn.send((op, payload))
+            status, result = conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"trainer failed:\n{result}")
+        return result
+    global _local_trainer  # plain `flwr run` without Flotilla's device agent
+    if _local_trainer is None:
+        from flotilla.app.trainer import Trainer
+
+        _local_trainer = Trainer(threads=None)
+    if op == "train":
+        return _local_trainer.train(payload["keys"], payload["arrays"], payload["config"])
+    return _local_trainer.capability()
+
+
+def _config(msg: Message, ctx: Context) -> dict:
+    """Run config < device's node config < this round's message config."""
+    cfg = dict(ctx.run_config) | dict(ctx.node_config)
+    if "config" in msg.content:
+        cfg |= dict(msg.content["config"])
+    return cfg
+
+
+def _device(ctx: Context) -> dict:
+    return {
+        "device": str(ctx.node_config.get("device", f"node-{ctx.node_id}")),
+        "device-class": str(ctx.node_config.get("device-class", "")),
+    }
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    started = time.time()
+    arrays = msg.content["arrays"]
+    keys = list(arrays.keys())
+    cfg = _config(msg, context)
+    out, res = _call(context, "train", {"keys": keys, "arrays": arrays.to_numpy_ndarrays(), "config": cfg})
+    record = ArrayRecord(array_dict={k: Array(a) for k, a in zip(keys, out)}, keep_input=False)
+    metrics = MetricRecord(
+        {
+            "num-examples": int(res["partition_size"]),
+            "samples": int(res["samples"]),
+            "steps": int(res["steps"]),
+            "train-s": float(res["train_s"]),
+            "train-loss": float(res["train_loss"]),
+            "batch-size": int(res["batch_size"]),
+            "lr": float(res["lr"]),
+            "started": started,
+            "ended": time.time(),
+        }
+    )
+    return Message(RecordDict({"arrays": record, "metrics": metrics, "device": ConfigRecord(_device(context))}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Capability report: the device's effective limits and measured throughput."""
+    cap = _call(context, "capability")
+    cfg = ConfigRecord(_device(context))
+    metrics = MetricRecord({k: float(v) for k, v in cap.items() if isinstance(v, (int, float)) and v is not None})
+    return Message(RecordDict({"device": cfg, "metrics": metrics}), reply_to=msg)

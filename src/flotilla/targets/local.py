@@ -1,0 +1,223 @@
+"""The local target: the real Flower deployment engine as local processes.
+
+One `flower-superlink` and one device per plan entry (`python -m
+flotilla.device`: warm trainer + SuperNode), each in its own process group
+and, where the machine allows, its own cgroup holding the device's CPU and
+memory limits. Everything is on loopback with free ports; FLWR_HOME is the
+run's own. `down` works from any process from what `up` wrote to state.json.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from flotilla.device import flower_env
+from flotilla.plan import Plan, format_node_config
+from flotilla.runs import RunRecord
+from flotilla.targets.base import Federation, Target, TargetError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen | None, timeout: float, what: str, log: Path) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise TargetError(f"{what} exited with code {proc.returncode} at start-up; see {log}")
+        with socket.socket() as s:
+            s.settimeout(0.2)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TargetError(f"{what} did not open port {port} within {timeout:.0f} s; see {log}")
+
+
+def device_threads(cpus: float | None, n_devices: int) -> int:
+    """Torch threads for a device: its whole-CPU quota, or a fair share of this machine."""
+    ncpu = len(os.sched_getaffinity(0))
+    if cpus is not None:
+        return max(1, min(ncpu, int(cpus)))
+    return max(1, ncpu // max(1, n_devices))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_group(pgid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM a process group, then SIGKILL what is left after the grace period."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    end = time.time() + grace_s
+    while time.time() < end:
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    return True
+            except (OSError, IndexError, ValueError):
+                continue
+    return False
+
+
+class LocalTarget(Target):
+    name = "local"
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen] = {}  # held by the driver's process only
+
+    # -- render: the commands, as a script a user could run by hand --------
+    def render(self, plan: Plan, out_dir: Path) -> list[Path]:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lines = [
+            "#!/usr/bin/env bash",
+            f"# Flotilla job {plan.job.name!r} on the local target, as plain commands.",
+            "set -euo pipefail",
+            "export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1",
+            "flower-superlink --insecure --disable-runtime-dependency-installation "
+            "--database superlink.db --host 127.0.0.1 --port 8000 &",
+        ]
+        for i, d in enumerate(plan.devices):
+            limits = f" (limits: cpus={d.cpus}, memory={d.memory})" if d.cpus or d.memory else ""
+            lines.append(f"# {d.name}{limits}")
+            lines.append(
+                f"python -m flotilla.device --name {d.name} --superlink 127.0.0.1:8000 --port {9100 + i} "
+                f"--insecure --node-config '{format_node_config(d.node_config())}' &"
+            )
+        lines.append("wait")
+        path = out_dir / "run-local.sh"
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o755)
+        return [path]
+
+    # -- up ----------------------------------------------------------------
+    def up(self, plan: Plan, run: RunRecord) -> Federation:
+        from flotilla.sandbox.cgroups import DeviceCgroup, cgroups_available, group_name
+
+        env = flower_env()
+        env["FLWR_HOME"] = str(run.dir / "flwr")
+        port = free_port()
+        state = run.write_state(superlink_port=port, groups={}, cgroups={}, device_pids={})
+        (run.dir / "superlink").mkdir(exist_ok=True)
+        log = run.log_path("superlink")
+        cmd = ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+               "--database", str(run.dir / "superlink" / "state.db"), "--host", "127.0.0.1", "--port", str(port)]
+        self.procs["superlink"] = self._spawn(cmd, env, log, None)
+        self._record(run, "superlink", self.procs["superlink"].pid, None)
+        wait_port(port, self.procs["superlink"], 60, "flower-superlink", log)
+
+        want_limits = any(d.cpus is not None or d.memory is not None for d in plan.devices)
+        enforce, reason = cgroups_available() if want_limits else (False, "no limits asked for")
+        run.write_state(limits_enforced=bool(enforce and want_limits), limits_note=reason)
+        for d in plan.devices:
+            cg = None
+            if enforce and (d.cpus is not None or d.memory is not None):
+                cg = DeviceCgroup.create(group_name(run.run_id, d.name), d.cpus, d.memory)
+            node_config = format_node_config(d.node_config())
+            cmd = [sys.executable, "-m", "flotilla.device", "--name", d.name, "--insecure",
+                   "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
+                   "--threads", str(device_threads(d.cpus, len(plan.devices))), "--node-config", node_config]
+            proc = self._spawn(cmd, env, run.log_path(d.name), cg)
+            self.procs[d.name] = proc
+            self._record(run, d.name, proc.pid, cg)
+        return Federation(control_address=f"127.0.0.1:{port}", output_dir=str(run.dir))
+
+    @staticmethod
+    def _spawn(cmd, env, log: Path, cg) -> subprocess.Popen:
+        with open(log, "ab") as fh:
+            # own session: the whole tree (superexec, ClientApps) can be ended as a group;
+            # preexec enters the cgroup before exec, so no child escapes the limits.
+            return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, preexec_fn=cg.enter if cg else None)
+
+    @staticmethod
+    def _record(run: RunRecord, name: str, pid: int, cg) -> None:
+        st = run.state()
+        groups = st.get("groups", {}) | {name: pid}
+        cgroups = st.get("cgroups", {}) | ({name: cg.to_state()} if cg else {})
+        run.write_state(groups=groups, cgroups=cgroups)
+
+    # -- status --------------------------------------------------------------
+    def device_states(self, run: RunRecord) -> dict[str, str]:
+        out = {}
+        for name, pid in run.state().get("groups", {}).items():
+            if name == "superlink":
+                continue
+            proc = self.procs.get(name)
+            alive = proc.poll() is None if proc is not None else pid_alive(pid)
+            out[name] = "running" if alive else "exited"
+        return out
+
+    def exit_code(self, name: str) -> int | None:
+        proc = self.procs.get(name)
+        return proc.poll() if proc else None
+
+    # -- down ----------------------------------------------------------------
+    def down(self, run: RunRecord) -> None:
+        from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
+
+        st = run.state()
+        groups = st.get("groups", {})
+        # devices first, so the SuperLink does not see them vanish mid-message
+        for name, pgid in sorted(groups.items(), key=lambda kv: kv[0] == "superlink"):
+            kill_group(pgid)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        for name, cstate in st.get("cgroups", {}).items():
+            try:
+                DeviceCgroup.from_state(cstate).destroy()
+            except CgroupError as err:
+                print(f"flotilla: could not remove the cgroup of {name}: {err}", file=sys.stderr)
+        self._sweep(run)
+
+    @staticmethod
+    def _sweep(run: RunRecord) -> None:
+        """Kill any Flower process still holding this run's paths (e.g. a ServerApp that left its group)."""
+        marker = str(run.dir)
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/environ", "rb") as fh:
+                    if f"FLWR_HOME={marker}/flwr".encode() not in fh.read():
+                        continue
+                os.kill(int(entry.name), signal.SIGKILL)
+            except (OSError, ValueError):
+                continue

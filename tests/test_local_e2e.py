@@ -1,0 +1,109 @@
+"""The local target for real: flower-superlink, SuperNodes, trainers, cgroups; then nothing left."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FLOTILLA, cgroups_of, flotilla, processes_of, wait_until
+from flotilla.runs import find_run
+
+pytestmark = pytest.mark.e2e
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def test_run_two_devices_two_rounds(job_file, tmp_path):
+    res = flotilla("run", job_file(), "--json", cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = last_json(res.stdout)
+    assert s["status"] == "completed" and s["error"] is None
+    assert [r["round"] for r in s["rounds"]] == [1, 2]
+    assert s["final_accuracy"] > 0.6  # chance is 0.1
+    assert {d["name"] for d in s["devices"]} == {"dev-1", "dev-2"}
+    assert all(d["train_s"] > 0 for d in s["devices"])
+
+    run = find_run(tmp_path / "runs", s["run_id"])
+    rounds = run.rounds()
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds[1:]:
+        assert {d["name"] for d in r["devices"]} == {"dev-1", "dev-2"}
+        assert all(d["samples"] > 0 and d["train_s"] > 0 for d in r["devices"])
+        assert r["wall_s"] >= max(d["train_s"] for d in r["devices"])
+    assert (run.dir / "weights.npz").stat().st_size > 10_000
+    for name in ("superlink", "dev-1", "dev-2", "serverapp"):
+        assert run.log_path(name).stat().st_size > 0, name
+    caps = {c["name"]: c for c in run.device_reports()}
+    assert set(caps) == {"dev-1", "dev-2"}
+    if s["limits_enforced"]:
+        assert caps["dev-1"]["cpus"] == pytest.approx(1.0) and caps["dev-1"]["memory"] == 2**30
+    assert (run.dir / "report" / "index.html").exists()
+
+    st = flotilla("status", s["run_id"], "--runs-dir", tmp_path / "runs", "--json")
+    assert json.loads(st.stdout)["status"] == "completed"
+    lg = flotilla("logs", s["run_id"], "--device", "dev-1", "--runs-dir", tmp_path / "runs")
+    assert "flotilla device dev-1: started" in lg.stdout
+
+    assert processes_of(run.dir) == []
+    assert cgroups_of(s["run_id"]) == []
+
+
+def test_submit_status_stop_from_another_terminal(job_file, tmp_path):
+    job = job_file(rounds=50)
+    runs = tmp_path / "runs"
+    res = flotilla("submit", job, cwd=tmp_path, timeout=60)
+    assert res.returncode == 0, res.stderr
+    run_id = res.stdout.strip()
+    run = find_run(runs, run_id)
+    wait_until(lambda: len(run.rounds()) >= 2, 300, "round 1 to finish")
+    st = json.loads(flotilla("status", run_id, "--runs-dir", runs, "--json").stdout)
+    assert st["status"] == "running" and st["round"] >= 1
+    assert flotilla("logs", run_id, "--runs-dir", runs).stdout  # the ServerApp log, while running
+    assert processes_of(run.dir)  # it really runs
+
+    res = flotilla("stop", run_id, "--runs-dir", runs, timeout=120)
+    assert res.returncode == 0 and "stopped" in res.stdout, res.stdout + res.stderr
+    assert run.state()["status"] == "stopped"
+    assert run.summary()["status"] == "stopped"
+    wait_until(lambda: processes_of(run.dir) == [], 15, "processes to go")
+    assert cgroups_of(run_id) == []
+
+
+def test_ctrl_c_cleans_up(job_file, tmp_path):
+    proc = subprocess.Popen(FLOTILLA + ["run", str(job_file(rounds=50)), "--json"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "runs"
+    run = wait_until(lambda: next(iter(runs.glob("*/state.json")), None), 60, "the run record").parent
+    wait_until(lambda: (run / "metrics.jsonl").exists(), 300, "round 0")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    s = last_json(out)
+    assert s["status"] == "stopped" and "SIGINT" in s["error"]
+    assert processes_of(run) == []
+    assert cgroups_of(run.name) == []
+
+
+def test_dead_device_is_reported_and_run_goes_on(job_file, tmp_path):
+    job = job_file(rounds=4, devices=[{"name": "dev", "count": 3, "cpus": 1.0, "memory": "1g"}])
+    proc = subprocess.Popen(FLOTILLA + ["run", str(job), "--json"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "runs"
+    run_dir = wait_until(lambda: next(iter(runs.glob("*/state.json")), None), 60, "the run record").parent
+    wait_until(lambda: len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2
+               if (run_dir / "metrics.jsonl").exists() else False, 300, "round 1")
+    victim = json.loads((run_dir / "state.json").read_text())["groups"]["dev-3"]
+    os.killpg(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    s = last_json(out)
+    assert s["status"] == "completed" and s["lost_devices"] == ["dev-3"]
+    assert "device dev-3 exited" in err
+    assert len(s["rounds"]) == 4
+    assert processes_of(run_dir) == []
