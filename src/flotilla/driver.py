@@ -219,7 +219,9 @@ class Driver:
         self.lost.add(name)
         tail = _tail(self.target.log_path(self.run, name), 8)
         code = getattr(self.target, "exit_code", lambda n: None)(name)
-        msg = f"device {name} exited (code {code}); last log lines:\n" + "\n".join("    " + t for t in tail)
+        why = self.target.explain_exit(self.run, name)
+        msg = f"device {name} exited (code {code})" + (f": {why}" if why else "")
+        msg += "; last log lines:\n" + "\n".join("    " + t for t in tail)
         self.progress.message = msg
         print(f"flotilla: {msg}", file=sys.stderr, flush=True)
         (self.run.dir / "lost_devices.json").write_text(json.dumps(sorted(self.lost)))

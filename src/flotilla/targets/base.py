@@ -56,6 +56,10 @@ class Target(ABC):
     def down(self, run: RunRecord) -> None:
         """Stop and remove everything `up` started. Idempotent; safe from any process."""
 
+    def explain_exit(self, run: RunRecord, device: str) -> str | None:
+        """Why a device ended, when the target can tell (e.g. killed by its memory limit)."""
+        return None
+
     def log_path(self, run: RunRecord, device: str | None) -> Path:
         """Log file of a device (or of the SuperLink when device is None)."""
         return run.log_path(device or "superlink")

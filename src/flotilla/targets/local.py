@@ -186,6 +186,26 @@ class LocalTarget(Target):
         proc = self.procs.get(name)
         return proc.poll() if proc else None
 
+    def explain_exit(self, run: RunRecord, device: str) -> str | None:
+        from flotilla.job import format_memory
+        from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
+
+        cstate = run.state().get("cgroups", {}).get(device)
+        if not cstate:
+            return None
+        try:
+            cg = DeviceCgroup.from_state(cstate)
+            if cg.oom_kills() == 0:
+                return None
+            limit = cg.read_limits().get("memory")
+        except (CgroupError, OSError):
+            return None
+        plan = run.plan()
+        dev = next(d for d in plan["devices"] if d["name"] == device)
+        idx = next(i for i, c in enumerate(plan["job"]["devices"]) if c["name"] == dev["device_class"])
+        return (f"killed by its memory limit ({format_memory(limit) if limit else '?'}) while training with batch size "
+                f"{dev['train']['batch_size']}; raise devices[{idx}].memory or lower its train.batch_size")
+
     # -- down ----------------------------------------------------------------
     def down(self, run: RunRecord) -> None:
         from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup

@@ -1,0 +1,30 @@
+# Flotilla: `make demo` runs the example job; `make test` runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-fast install bench clean
+
+$(BIN)/flotilla: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch 2.13.0 (CPU) is pinned in pyproject.toml; pip takes it from local disk where it lies there.
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(BIN)/flotilla
+
+install: $(BIN)/flotilla
+
+demo: install
+	$(BIN)/flotilla run examples/mnist.yaml
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not e2e and not docker"
+
+bench: install
+	$(BIN)/python bench/round_overhead.py
+
+clean:
+	rm -rf runs rendered .pytest_cache

@@ -1,0 +1,107 @@
+"""Round overhead: Flotilla vs a plain Flower app vs the engine's floor, in one run.
+
+Per round: wall time, the slowest device's training time, and the overhead
+(their difference: everything that is not training). Three fleets of 4
+devices on this machine, one after the other:
+  flotilla  - the example job (examples/mnist.yaml) through `flotilla run`;
+  baseline  - bench/baseline_app: a plain Flower app as a newcomer builds it
+              from the quickstart (heavy imports in every ClientApp process,
+              client-side evaluation, Flower's default polling);
+  floor     - bench/noop_app on the same plain engine: a ClientApp that imports
+              only flwr and trains nothing.
+Goal: flotilla's median overhead <= floor's + 1.0 s.
+
+    .venv/bin/python bench/round_overhead.py [--rounds 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+from run_plain import read_rounds, run_app, start_plain_fleet, stop_fleet, summarize  # noqa: E402
+
+
+def run_flotilla(job_path: Path, rounds: int, work: Path) -> list[dict]:
+    doc = yaml.safe_load(job_path.read_text())
+    doc |= {"rounds": rounds, "runs_dir": str(work / "runs")}
+    job = work / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    res = subprocess.run([sys.executable, "-m", "flotilla.cli", "run", str(job), "--json"],
+                         capture_output=True, text=True, timeout=1800)
+    if res.returncode != 0:
+        raise RuntimeError(f"flotilla run failed:\n{res.stderr[-2000:]}")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    return read_rounds(work / "runs" / summary["run_id"] / "metrics.jsonl")
+
+
+def run_plain(app: str, devices: int, rounds: int, work: Path) -> list[dict]:
+    fleet = start_plain_fleet(devices, work)
+    try:
+        return run_app(fleet, app, rounds, work / "out")
+    finally:
+        stop_fleet(fleet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--job", type=Path, default=ROOT / "examples" / "mnist.yaml")
+    ap.add_argument("--skip-baseline", action="store_true", help="the baseline takes ~40 s per round")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    devices = sum(d.get("count", 1) for d in yaml.safe_load(args.job.read_text())["devices"])
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="flotilla-bench-") as tmp:
+        tmp = Path(tmp)
+        plan = [("flotilla", lambda w: run_flotilla(args.job, args.rounds, w)),
+                ("floor", lambda w: run_plain("noop", devices, args.rounds, w))]
+        if not args.skip_baseline:
+            plan.insert(1, ("baseline", lambda w: run_plain("baseline", devices, args.rounds, w)))
+        for name, fn in plan:
+            work = tmp / name
+            work.mkdir()
+            print(f"running {name} ({devices} devices, {args.rounds} rounds)...", file=sys.stderr, flush=True)
+            results[name] = summarize(name, devices, fn(work))
+
+    print(f"\n{'':10}{'round':>6}{'wall s':>9}{'slowest train s':>17}{'overhead s':>12}")
+    for name, s in results.items():
+        for r in s["rounds"]:
+            print(f"{name:10}{r['round']:>6}{r['wall_s']:>9.2f}{r['slowest_train_s']:>17.2f}{r['overhead_s']:>12.2f}")
+    print(f"\n{'median':10}{'':>6}{'wall s':>9}{'slowest train s':>17}{'overhead s':>12}")
+    for name, s in results.items():
+        print(f"{name:10}{'':>6}{s['median_wall_s']:>9.2f}{s['median_slowest_train_s']:>17.2f}"
+              f"{s['median_overhead_s']:>12.2f}")
+    fl, floor = results["flotilla"]["median_overhead_s"], results["floor"]["median_overhead_s"]
+    out = {
+        "flotilla_overhead_s": fl,
+        "baseline_overhead_s": results.get("baseline", {}).get("median_overhead_s"),
+        "floor_overhead_s": floor,
+        "flotilla_minus_floor_s": round(fl - floor, 3),
+        "goal": "flotilla_overhead_s <= floor_overhead_s + 1.0",
+        "goal_met": fl <= floor + 1.0,
+        "baseline_over_flotilla_wall": (round(results["baseline"]["median_wall_s"] / results["flotilla"]["median_wall_s"], 2)
+                                        if "baseline" in results else None),
+        "load_avg_1m": os.getloadavg()[0],
+        "details": results,
+    }
+    print(f"\nflotilla overhead {fl:.2f} s vs floor {floor:.2f} s (goal: <= floor + 1.0 s): "
+          f"{'met' if out['goal_met'] else 'NOT met'}")
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
