@@ -44,6 +44,10 @@ def test_run_two_devices_two_rounds(job_file, tmp_path):
     if s["limits_enforced"]:
         assert caps["dev-1"]["cpus"] == pytest.approx(1.0) and caps["dev-1"]["memory"] == 2**30
     assert (run.dir / "report" / "index.html").exists()
+    if s["limits_enforced"]:  # per-device CPU and memory read from the cgroups during the run
+        usage = [json.loads(line) for line in (run.dir / "usage.jsonl").read_text().splitlines()]
+        assert {u["device"] for u in usage} == {"dev-1", "dev-2"}
+        assert max(u["cpu_seconds_total"] for u in usage) > 0 and max(u["memory_bytes"] for u in usage) > 50e6
 
     st = flotilla("status", s["run_id"], "--runs-dir", tmp_path / "runs", "--json")
     assert json.loads(st.stdout)["status"] == "completed"

@@ -114,7 +114,30 @@ class Driver:
         return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
 
     # -- the run -------------------------------------------------------------
+    def _start_monitor(self):
+        """Tail the record into Prometheus metrics (served if --metrics-port) and usage.jsonl for the report."""
+        import threading
+
+        from flotilla.monitor.metrics import FlotillaExporter, follow_run
+
+        exporter = FlotillaExporter(self.run.run_id, self.job.name, target_rounds=self.job.rounds)
+        if self.metrics_port:
+            port = exporter.serve(self.metrics_port, addr="127.0.0.1")
+            self.run.write_state(metrics_url=f"http://127.0.0.1:{port}/metrics")
+        stop = threading.Event()
+        t = threading.Thread(target=follow_run, daemon=True, name="flotilla-monitor",
+                             args=(self.run.dir, exporter, stop, lambda: self.target.resource_usage(self.run)))
+        t.start()
+
+        def end():
+            stop.set()
+            t.join(timeout=5)
+            exporter.close()
+
+        return end
+
     def execute(self, on_update=None) -> dict:
+        end_monitor = self._start_monitor()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         status, error = "failed", None
         self.run.write_state(status="starting", driver_pid=os.getpid(), started=time.time())
@@ -139,6 +162,7 @@ class Driver:
                 signal.signal(s, signal.SIG_IGN)
             try:
                 self._end_log_follower()
+                end_monitor()
                 self.target.down(self.run)
             finally:
                 for s, h in old.items():
@@ -209,6 +233,8 @@ class Driver:
                 if st.startswith("finished"):
                     if st != "finished:completed":
                         raise RunFailed(f"the Flower run ended as {st}; see {self.run.log_path('serverapp')}")
+                    last = max((r.get("round", 0) for r in self.run.rounds()), default=0)  # fresh read: no race
+                    self.progress.round = max(self.progress.round, last)
                     if self.progress.round < self.job.rounds:
                         raise RunFailed(f"the Flower run finished after round {self.progress.round} of "
                                         f"{self.job.rounds}; see {self.run.log_path('serverapp')}")

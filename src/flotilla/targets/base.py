@@ -60,6 +60,12 @@ class Target(ABC):
         """Why a device ended, when the target can tell (e.g. killed by its memory limit)."""
         return None
 
+    def resource_usage(self, run: RunRecord) -> list[dict]:
+        """Per device: {"device", "device_class", "cpu_seconds_total", "memory_bytes", "memory_limit_bytes",
+        "cpu_quota"}, for the metrics endpoint and the report. Targets whose engine exports it (cAdvisor) may
+        return []."""
+        return []
+
     def log_path(self, run: RunRecord, device: str | None) -> Path:
         """Log file of a device (or of the SuperLink when device is None)."""
         return run.log_path(device or "superlink")

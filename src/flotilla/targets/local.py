@@ -186,6 +186,23 @@ class LocalTarget(Target):
         proc = self.procs.get(name)
         return proc.poll() if proc else None
 
+    def resource_usage(self, run: RunRecord) -> list[dict]:
+        from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
+
+        st = run.state()
+        classes = {d["name"]: d["device_class"] for d in run.plan()["devices"]}
+        out = []
+        for name, cstate in st.get("cgroups", {}).items():
+            try:
+                cg = DeviceCgroup.from_state(cstate)
+                use, lim = cg.usage(), cg.read_limits()
+            except (CgroupError, OSError):
+                continue  # removed at the end of the run
+            out.append({"device": name, "device_class": classes.get(name, ""),
+                        "cpu_seconds_total": use["cpu_seconds"], "memory_bytes": use["memory_bytes"],
+                        "memory_limit_bytes": lim.get("memory"), "cpu_quota": lim.get("cpus")})
+        return out
+
     def explain_exit(self, run: RunRecord, device: str) -> str | None:
         from flotilla.job import format_memory
         from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
