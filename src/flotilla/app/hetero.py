@@ -1,0 +1,217 @@
+"""Heterogeneity math for the `auto` policy: size each device's work per round.
+
+Pure functions on numbers and numpy arrays (no torch, no flwr), so the
+ServerApp's strategy and the tests share them. The round loop is:
+
+  1. devices report throughput (samples/s) and round times;
+  2. `round_deadline` turns the times into a deadline (factor x median);
+  3. `plan_round` gives each device a batch that fits its memory
+     (`memory_safe_batch_size`), a learning rate for that batch (`scale_lr`)
+     and the local steps it can finish before the deadline (`local_steps_for`);
+  4. `fednova_aggregate` averages the results so that devices that took more
+     steps do not pull the model their way (FedNova, Wang et al. 2020).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+# scale_lr: the linear rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD")
+# holds for moderate batch growth; far beyond it, without warm-up, it diverges,
+# so past this ratio the rate grows with the square root (Krizhevsky 2014,
+# Hoffer et al. 2017). Shrinking a batch (the usual case: memory) stays linear.
+LINEAR_LR_UP_TO = 4.0
+
+
+def throughput(samples: int, seconds: float) -> float:
+    """Samples per second; 0.0 when nothing was measured (no samples or no time)."""
+    if samples <= 0 or not seconds > 0 or not math.isfinite(seconds):
+        return 0.0
+    return samples / seconds
+
+
+def memory_safe_batch_size(
+    memory_limit_bytes: int | None,
+    base_rss_bytes: int,
+    bytes_per_sample: int,
+    requested: int,
+    floor: int = 8,
+    cap: int = 512,
+    headroom: float = 0.7,
+) -> int:
+    """The batch a device can train with inside its memory limit.
+
+    The budget is headroom x limit - base_rss (the process before its first
+    batch). The requested batch is kept when it fits (or there is no limit);
+    otherwise it shrinks to the largest power of two that fits, kept within
+    [floor, cap] and never above the request. When not even `floor` fits the
+    result is `floor`: the caller should warn that the device may be OOM-killed.
+    """
+    if requested < 1:
+        raise ValueError(f"requested batch {requested}: must be >= 1")
+    if bytes_per_sample <= 0:
+        raise ValueError(f"bytes_per_sample {bytes_per_sample}: must be > 0")
+    if not 0 < headroom <= 1:
+        raise ValueError(f"headroom {headroom}: must be in (0, 1]")
+    if memory_limit_bytes is None:
+        return requested
+    fits = int((headroom * memory_limit_bytes - base_rss_bytes) // bytes_per_sample)
+    if requested <= fits:
+        return requested
+    pow2 = 1 << (fits.bit_length() - 1) if fits >= 1 else 0
+    return min(requested, max(floor, min(pow2, cap)))
+
+
+def scale_lr(base_lr: float, base_batch: int, batch: int, linear_up_to: float = LINEAR_LR_UP_TO) -> float:
+    """Learning rate for `batch` when `base_lr` was tuned for `base_batch`.
+
+    Linear in batch/base_batch up to `linear_up_to`, then square-root growth
+    (continuous at the switch), so a big device cannot get a runaway rate.
+    """
+    if base_batch < 1 or batch < 1:
+        raise ValueError(f"batch sizes must be >= 1 (got base {base_batch}, batch {batch})")
+    ratio = batch / base_batch
+    if ratio <= linear_up_to:
+        return base_lr * ratio
+    return base_lr * linear_up_to * math.sqrt(ratio / linear_up_to)
+
+
+def round_deadline(observed_times: Sequence[float], factor: float, floor_s: float) -> float:
+    """Straggler deadline: factor x the median device time, at least floor_s.
+
+    Times that are missing, negative or infinite (a device that never answered)
+    are ignored; with none left there is no deadline (inf).
+    """
+    if factor < 1:
+        raise ValueError(f"deadline factor {factor}: must be >= 1 (the median device must make it)")
+    times = [t for t in observed_times if t is not None and math.isfinite(t) and t >= 0]
+    if not times:
+        return math.inf
+    return max(floor_s, factor * float(np.median(times)))
+
+
+def local_steps_for(
+    throughput_sps: float,
+    batch: int,
+    deadline_s: float,
+    target_steps: int,
+    min_steps: int = 1,
+    overhead_s: float = 0.0,
+) -> int:
+    """Local SGD steps a device finishes before the deadline, in [min_steps, target_steps].
+
+    overhead_s is the device's fixed per-round cost (process start, data load,
+    messaging), which the deadline must cover before any training. A device
+    with no measured throughput (0) gets min_steps.
+    """
+    if target_steps < 1 or batch < 1:
+        raise ValueError(f"target_steps {target_steps} and batch {batch} must be >= 1")
+    min_steps = min(max(min_steps, 1), target_steps)
+    if math.isinf(deadline_s) and deadline_s > 0:
+        return target_steps
+    if not throughput_sps > 0:
+        return min_steps
+    budget = max(0.0, deadline_s - overhead_s)
+    steps = int(budget * throughput_sps // batch)
+    return max(min_steps, min(target_steps, steps))
+
+
+def fednova_weights(num_examples: Sequence[int], local_steps: Sequence[int]) -> np.ndarray:
+    """Coefficients c_i with FedNova's result = x_global - sum_i c_i (x_global - x_i).
+
+    p_i = n_i / sum n (data weights), tau_i = local steps, tau_eff = sum p_i tau_i;
+    c_i = tau_eff p_i / tau_i. With equal steps c_i = p_i (FedAvg). Clients with
+    no examples get 0; a client with examples but 0 steps made no update: drop it.
+    """
+    n = np.asarray(num_examples, dtype=np.float64)
+    tau = np.asarray(local_steps, dtype=np.float64)
+    if n.ndim != 1 or n.shape != tau.shape or n.size == 0:
+        raise ValueError(f"num_examples ({n.size}) and local_steps ({tau.size}) must be non-empty and equally long")
+    if (n < 0).any() or n.sum() <= 0:
+        raise ValueError("num_examples must be >= 0 with a positive total")
+    if ((tau <= 0) & (n > 0)).any():
+        raise ValueError("every client with examples needs local_steps >= 1; drop clients that did not train")
+    p = n / n.sum()
+    tau_safe = np.where(tau > 0, tau, 1.0)
+    tau_eff = float((p * tau).sum())
+    return tau_eff * p / tau_safe
+
+
+def fednova_aggregate(
+    global_arrays: Sequence[np.ndarray],
+    client_arrays: Sequence[Sequence[np.ndarray]],
+    num_examples: Sequence[int],
+    local_steps: Sequence[int],
+) -> list[np.ndarray]:
+    """FedNova (vanilla local SGD): x_global - tau_eff * sum_i p_i (x_global - x_i) / tau_i.
+
+    Arrays keep the global model's dtypes; integer arrays (e.g. BatchNorm's
+    num_batches_tracked) are rounded.
+    """
+    c = fednova_weights(num_examples, local_steps)
+    if len(client_arrays) != len(c):
+        raise ValueError(f"{len(client_arrays)} clients' arrays but {len(c)} example counts")
+    out = []
+    for k, g in enumerate(global_arrays):
+        g64 = np.asarray(g, dtype=np.float64)
+        step = np.zeros_like(g64)
+        for ci, arrays in zip(c, client_arrays):
+            x = np.asarray(arrays[k], dtype=np.float64)
+            if x.shape != g64.shape:
+                raise ValueError(f"array {k}: client shape {x.shape} != global shape {g64.shape}")
+            step += ci * (g64 - x)
+        new = g64 - step
+        dtype = np.asarray(g).dtype
+        out.append((np.rint(new) if np.issubdtype(dtype, np.integer) else new).astype(dtype))
+    return out
+
+
+@dataclass(frozen=True)
+class DeviceObs:
+    """What the server knows about a device before a round."""
+
+    name: str
+    throughput_sps: float | None  # None: not measured yet (first round)
+    memory_limit: int | None  # bytes; None: no limit
+    samples_available: int
+    overhead_s: float = 0.0  # fixed per-round cost seen so far
+
+
+@dataclass(frozen=True)
+class DeviceWork:
+    batch: int
+    steps: int
+    lr: float
+
+
+def plan_round(
+    devices: Sequence[DeviceObs],
+    deadline_s: float,
+    batch_size: int,
+    lr: float,
+    local_epochs: float,
+    bytes_per_sample: int,
+    base_rss_bytes: int,
+) -> dict[str, DeviceWork]:
+    """Each device's batch, local steps and learning rate for the next round.
+
+    The target is `local_epochs` passes over the device's data at its batch;
+    a device measured too slow for that within the deadline gets fewer steps
+    (FedNova then normalises). Unmeasured devices get the full target, which
+    is how the first round measures everyone.
+    """
+    work = {}
+    for d in devices:
+        batch = memory_safe_batch_size(d.memory_limit, base_rss_bytes, bytes_per_sample, batch_size)
+        batch = max(1, min(batch, d.samples_available)) if d.samples_available > 0 else batch
+        target = max(1, math.ceil(local_epochs * max(d.samples_available, 0) / batch))
+        if d.throughput_sps is None:
+            steps = target
+        else:
+            steps = local_steps_for(d.throughput_sps, batch, deadline_s, target, overhead_s=d.overhead_s)
+        work[d.name] = DeviceWork(batch=batch, steps=steps, lr=scale_lr(lr, batch_size, batch))
+    return work
