@@ -23,12 +23,41 @@ err = Console(stderr=True)
 out = Console()
 
 TargetOpt = typer.Option(None, "--target", "-t", help="local | compose | swarm | k8s (default: the job's target)")
+InsecureOpt = typer.Option(False, "--insecure", help="swarm/k8s: no TLS, no SuperNode authentication (trusted networks only).")
+ImageOpt = typer.Option(None, "--image", help="compose/swarm/k8s: the Flotilla image (default flotilla:<version>).")
+RegistryOpt = typer.Option(None, "--registry", help="swarm/k8s: registry/project the image is pulled from.")
+TargetOptOpt = typer.Option(None, "--target-opt", "-O", help="A target option KEY=VALUE (repeatable), e.g. "
+                            "subnet=10.213.0.0/24, endpoint_mode=vip, namespace=fl, nfs=server:/export.")
 RunsDirOpt = typer.Option(Path("runs"), "--runs-dir", help="Where run records live.")
 
 
 def fail(msg: str, code: int = 2) -> None:
     err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _target_options(target: str, insecure: bool, image, registry, pairs) -> dict:
+    import yaml
+
+    opts: dict = {}
+    if insecure:
+        opts["insecure"] = True
+    if image:
+        opts["image"] = image
+    if registry:
+        opts["registry"] = registry
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            fail(f"--target-opt: {pair!r} is not KEY=VALUE")
+        opts[key.strip().replace("-", "_")] = yaml.safe_load(value) if value else ""
+    from flotilla.targets import TargetError, get_target
+
+    try:
+        get_target(target, **opts)  # refuse unknown options now, before anything starts
+    except TargetError as e:
+        fail(str(e))
+    return opts
 
 
 def _load(job_file: Path, target: Optional[str]):
@@ -54,6 +83,10 @@ def run(
     metrics_port: int = typer.Option(0, "--metrics-port", help="Serve Prometheus metrics on this port (0: off)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan and exit."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", hidden=True),
+    insecure: bool = InsecureOpt,
+    image: Optional[str] = ImageOpt,
+    registry: Optional[str] = RegistryOpt,
+    target_opt: Optional[list[str]] = TargetOptOpt,
 ) -> None:
     """Submit a job, follow it to the end, write the record and report."""
     from flotilla.driver import create_run, run_job
@@ -65,7 +98,8 @@ def run(
 
         out.print_json(json.dumps(make_plan(job).to_dict()))
         return
-    rec = RunRecord(run_dir.resolve()) if run_dir else create_run(job, target, runs_dir)
+    opts = _target_options(target, insecure, image, registry, target_opt)
+    rec = RunRecord(run_dir.resolve()) if run_dir else create_run(job, target, runs_dir, target_options=opts)
     if not quiet and not json_out:
         err.print(f"run [bold]{rec.run_id}[/bold] on {target}: {job.device_count} devices, {job.rounds} rounds "
                   f"(record: {rec.dir})", highlight=False)
@@ -114,12 +148,17 @@ def submit(
     job_file: Path = typer.Argument(..., help="The job file (YAML)."),
     target: Optional[str] = TargetOpt,
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir"),
+    insecure: bool = InsecureOpt,
+    image: Optional[str] = ImageOpt,
+    registry: Optional[str] = RegistryOpt,
+    target_opt: Optional[list[str]] = TargetOptOpt,
 ) -> None:
     """Start a job in the background and print its run id."""
     from flotilla.driver import create_run
 
     job, target = _load(job_file, target)
-    rec = create_run(job, target, runs_dir)
+    opts = _target_options(target, insecure, image, registry, target_opt)
+    rec = create_run(job, target, runs_dir, target_options=opts)
     with open(rec.log_path("driver"), "ab") as fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "flotilla.cli", "run", str(job_file.resolve()), "--target", target, "--quiet",
@@ -217,7 +256,7 @@ def stop(
         # the driver is gone (crashed or killed): clean up from the record
         from flotilla.targets import get_target
 
-        get_target(st.get("target", "local")).down(rec)
+        get_target(st.get("target", "local"), **st.get("target_options", {})).down(rec)
         rec.write_state(status="stopped", ended=time.time(), error="stopped by flotilla stop (driver not running)")
     out.print(f"run {rec.run_id} {rec.state().get('status')}")
 
@@ -227,14 +266,19 @@ def render(
     job_file: Path = typer.Argument(..., help="The job file (YAML)."),
     target: Optional[str] = TargetOpt,
     output: Path = typer.Option(Path("rendered"), "--output", "-o", help="Directory to write into."),
+    insecure: bool = InsecureOpt,
+    image: Optional[str] = ImageOpt,
+    registry: Optional[str] = RegistryOpt,
+    target_opt: Optional[list[str]] = TargetOptOpt,
 ) -> None:
     """Write the artifacts that run the job on a target, without running them."""
     from flotilla.plan import make_plan
     from flotilla.targets import TargetError, get_target
 
     job, target = _load(job_file, target)
+    opts = _target_options(target, insecure, image, registry, target_opt)
     try:
-        paths = get_target(target).render(make_plan(job), output)
+        paths = get_target(target, **opts).render(make_plan(job), output)
     except TargetError as e:
         fail(str(e))
     for p in paths:
@@ -277,6 +321,22 @@ def init(directory: Path = typer.Argument(Path("."), help="Where to write job.ya
         fail(f"{dst} exists; remove it or choose another directory")
     dst.write_text(src.read_text())
     out.print(f"wrote {dst}; run it with: flotilla run {dst}", highlight=False)
+
+
+def _register_subcommands() -> None:
+    """Commands that live with their subsystem (images, certificates, clusters)."""
+    from flotilla.images.cli import images_app
+    from flotilla.security import certs_command
+    from flotilla.targets.swarm import cluster_nodes_command
+
+    app.add_typer(images_app, name="images", help="Build (and push) the Flotilla container image.")
+    app.command("certs")(certs_command)
+    cluster = typer.Typer(no_args_is_help=True, help="Inspect the cluster a swarm job runs on.")
+    cluster.command("nodes")(cluster_nodes_command)
+    app.add_typer(cluster, name="cluster")
+
+
+_register_subcommands()
 
 
 def main() -> None:

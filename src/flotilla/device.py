@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--insecure", action="store_true")
     ap.add_argument("--root-certificates")
     ap.add_argument("--auth-private-key")
-    ap.add_argument("--auth-public-key")
+    ap.add_argument("--auth-public-key", help="ignored: flwr >= 1.41 derives it from the private key")
     ap.add_argument("--no-trainer", action="store_true", help="let each ClientApp process train by itself")
     args = ap.parse_args(argv)
 
@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.root_certificates:
             cmd += ["--root-certificates", args.root_certificates]
         if args.auth_private_key:
-            cmd += ["--auth-supernode-private-key", args.auth_private_key,
-                    "--auth-supernode-public-key", args.auth_public_key]
+            cmd += ["--auth-supernode-private-key", args.auth_private_key]
         children.append(subprocess.Popen(cmd, env=env))
         print(f"flotilla device {args.name}: started (pids {[c.pid for c in children]})", flush=True)
         while not stopping:

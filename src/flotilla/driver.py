@@ -52,12 +52,14 @@ class Progress:
     message: str = ""
 
 
-def create_run(job: Job, target: str, runs_dir: Path | None = None, run_id: str | None = None) -> RunRecord:
+def create_run(job: Job, target: str, runs_dir: Path | None = None, run_id: str | None = None,
+               target_options: dict | None = None) -> RunRecord:
     plan = make_plan(job)
     rec = RunRecord.create(
         Path(runs_dir or job.runs_dir), run_id or new_run_id(job.name), job.model_dump(mode="json"), plan.to_dict()
     )
-    rec.write_state(target=target, job_name=job.name, rounds=job.rounds, devices=[d.name for d in plan.devices])
+    rec.write_state(target=target, target_options=target_options or {}, job_name=job.name, rounds=job.rounds,
+                    devices=[d.name for d in plan.devices])
     return rec
 
 
@@ -70,13 +72,13 @@ def app_dir_for(job: Job, run: RunRecord) -> Path:
     return dst
 
 
-def app_run_config(job: Job, plan: Plan, run: RunRecord, fed: Federation, app_dir: Path, metrics_port: int) -> dict:
+def app_run_config(job: Job, plan: Plan, run: RunRecord, fed: Federation, app_dir: Path) -> dict:
     cfg = plan.run_config() | {
         "output-dir": fed.output_dir or str(run.dir),
         "expected-devices": len(plan.devices),
         "run-id": run.run_id,
         "job-name": job.name,
-        "metrics-port": metrics_port,
+        "metrics-port": fed.serverapp_metrics_port,
     }
     declared = tomllib.loads((app_dir / "pyproject.toml").read_text())
     keys = declared.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
@@ -173,7 +175,7 @@ class Driver:
     def _submit(self, fed: Federation) -> None:
         write_flwr_config(self.run.dir / "flwr", fed)
         app_dir = app_dir_for(self.job, self.run)
-        cfg = app_run_config(self.job, self.plan, self.run, fed, app_dir, self.metrics_port)
+        cfg = app_run_config(self.job, self.plan, self.run, fed, app_dir)
         cfg_path = self.run.dir / "run_config.toml"
         cfg_path.write_text("\n".join(f"{k} = {format_node_config({k: v}).split('=', 1)[1]}" for k, v in cfg.items()))
         res = self.flwr("run", str(app_dir), CONNECTION, "--run-config", str(cfg_path), "--format", "json")
@@ -314,8 +316,8 @@ def _tail(path: Path, n: int) -> list[str]:
 
 
 def run_job(job: Job, target_name: str | None = None, run: RunRecord | None = None, on_update=None,
-            metrics_port: int = 0) -> dict:
+            metrics_port: int = 0, target_options: dict | None = None) -> dict:
     target_name = target_name or job.target
-    target = get_target(target_name)
-    run = run or create_run(job, target_name)
+    run = run or create_run(job, target_name, target_options=target_options)
+    target = get_target(target_name, **run.state().get("target_options", {}))
     return Driver(job, run, target, metrics_port).execute(on_update)

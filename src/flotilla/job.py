@@ -93,9 +93,10 @@ class Strategy(_Strict):
 
 
 class Placement(_Strict):
-    hostname: str | None = None
-    labels: dict[str, str] = {}
-    arch: str | None = None
+    hostname: str | None = Field(None, description="Swarm node.hostname / k8s kubernetes.io/hostname.")
+    labels: dict[str, str] = Field({}, description="Node labels a device's host must carry.")
+    arch: str | None = Field(None, description="CPU architecture, e.g. arm64 or amd64.")
+    tolerations: list[dict] = Field([], description="k8s: tolerations for the device pods.")
 
 
 class DeviceClass(_Strict):
@@ -103,6 +104,7 @@ class DeviceClass(_Strict):
     count: int = Field(1, ge=1, le=256)
     cpus: float | None = Field(None, gt=0, le=1024, description="CPU quota; fractional allowed.")
     memory: int | None = Field(None, description="Memory limit, e.g. 512m or 2g.")
+    gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per device (k8s; swarm/compose: GPU runtime).")
     train: TrainOverride = TrainOverride()
     placement: Placement = Placement()
 

@@ -31,6 +31,8 @@ class Federation:
     # Where the ServerApp writes its records, as seen by the ServerApp
     # (containers mount the run directory at another path).
     output_dir: str | None = None
+    # Port the ServerApp serves Prometheus metrics on, inside its container (0: the driver serves them).
+    serverapp_metrics_port: int = 0
 
 
 class Target(ABC):

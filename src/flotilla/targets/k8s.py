@@ -347,7 +347,8 @@ class K8sRenderer:
 
     def files(self) -> dict[str, list[dict]]:
         """File name -> objects, in apply order."""
-        out: dict[str, list[dict]] = {"00-namespace.yaml": [self.namespace()], "10-job-configmap.yaml": [self.configmap()]}
+        out: dict[str, list[dict]] = {"00-namespace.yaml": [self.namespace()],
+                                      "10-job-configmap.yaml": [self.configmap()]}
         if pvc := self.data_pvc():
             out["15-data-pvc.yaml"] = [pvc]
         out["20-superlink.yaml"] = self.superlink()
@@ -435,9 +436,7 @@ class _PortForward:
     """127.0.0.1:<local> -> pod:<port> through the API server (like kubectl port-forward)."""
 
     def __init__(self, api, namespace: str, pod: str, port: int) -> None:
-        from kubernetes import client
-
-        self.core = client.CoreV1Api(api)
+        self.configuration = api.configuration
         self.ns, self.pod, self.port = namespace, pod, port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.local_port = self.listener.getsockname()[1]
@@ -453,11 +452,13 @@ class _PortForward:
             threading.Thread(target=self._pipe, args=(conn,), daemon=True).start()
 
     def _pipe(self, conn: socket.socket) -> None:
+        from kubernetes import client
         from kubernetes.stream import portforward
 
         try:
-            pf = portforward(self.core.connect_get_namespaced_pod_portforward, self.pod, self.ns,
-                             ports=str(self.port))
+            # A client per connection: `portforward` patches its client's request method while it runs.
+            core = client.CoreV1Api(client.ApiClient(self.configuration))
+            pf = portforward(core.connect_get_namespaced_pod_portforward, self.pod, self.ns, ports=str(self.port))
             remote = pf.socket(self.port)
             remote.setblocking(True)
             socks = [conn, remote]
@@ -491,6 +492,7 @@ class K8sTarget(Target):
         self.opts = K8sOptions(**options)
         self._forward: _PortForward | None = None
         self._last_sync = 0.0
+        self._clients: dict[tuple, object] = {}
 
     # -- render ---------------------------------------------------------------
     def render(self, plan: Plan, out_dir: Path) -> list[Path]:
@@ -526,7 +528,10 @@ class K8sTarget(Target):
     # -- cluster --------------------------------------------------------------
     def _api(self, run: RunRecord | None = None):
         st = run.state() if run else {}
-        return connect(st.get("k8s_kubeconfig", self.opts.kubeconfig), st.get("k8s_context", self.opts.context))
+        key = (st.get("k8s_kubeconfig", self.opts.kubeconfig), st.get("k8s_context", self.opts.context))
+        if key not in self._clients:  # the driver polls often: connect (and check the cluster) once
+            self._clients[key] = connect(*key)
+        return self._clients[key]
 
     def up(self, plan: Plan, run: RunRecord) -> Federation:
         from kubernetes import client
@@ -574,9 +579,12 @@ class K8sTarget(Target):
         self._forward = _PortForward(api, r.ns, pod, SUPERLINK_PORT)
         address = f"127.0.0.1:{self._forward.local_port}"
         if bundle is not None:
-            from flotilla.security import register_nodes
+            from flotilla.security import CertError, register_nodes
 
-            register_nodes(address, bundle, [d.name for d in plan.devices])
+            try:
+                register_nodes(address, bundle, [d.name for d in plan.devices])
+            except CertError as err:
+                raise TargetError(str(err)) from None
         # Devices only after registration: an unregistered SuperNode is refused and would crash-loop.
         for objs in device_files.values():
             create(objs)

@@ -428,6 +428,7 @@ class SwarmTarget(Target):
 
     def __init__(self, **options) -> None:
         self.opts = SwarmOptions(**options)
+        self._run: RunRecord | None = None  # the run device_states last looked at (for exit_code)
 
     def _bundle(self, plan: Plan):
         if self.opts.insecure:
@@ -487,9 +488,12 @@ class SwarmTarget(Target):
         address = f"{self.opts.control_host}:{self.opts.port}"
         self._wait_superlink(docker, r.stack, run, timeout=240)
         if bundle is not None:
-            from flotilla.security import register_nodes
+            from flotilla.security import CertError, register_nodes
 
-            register_nodes(address, bundle, [d.name for d in plan.devices])
+            try:
+                register_nodes(address, bundle, [d.name for d in plan.devices])
+            except CertError as err:
+                raise TargetError(str(err)) from None
         docker.run(*deploy, "-c", str(full), r.stack, timeout=300)
         limits_ok = self._limits_applied(docker, r.stack, plan)
         run.write_state(limits_enforced=limits_ok, limits_note="swarm: NanoCPUs/MemoryBytes on each device service")
@@ -539,6 +543,7 @@ class SwarmTarget(Target):
         st = run.state()
         names = st.get("devices") or [d["name"] for d in run.plan()["devices"]]
         stack = st.get("swarm_stack")
+        self._run = run
         if not stack or st.get("swarm_removed"):
             return {n: "stopped" for n in names}
         tasks = self._tasks(Docker(st.get("docker_host")), stack)
@@ -554,6 +559,7 @@ class SwarmTarget(Target):
         return states
 
     def exit_code(self, name: str, run: RunRecord | None = None) -> int | None:
+        run = run or self._run
         if run is None:
             return None
         st = run.state()
@@ -681,7 +687,7 @@ def cluster_nodes_command(
     rows = [NODES_HEADER, *nodes_table(nodes)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(NODES_HEADER))]
     for r in rows:
-        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 __all__ = ["NODES_HEADER", "StackRenderer", "SwarmOptions", "SwarmTarget", "check_placement", "cluster_nodes",
            "cluster_nodes_command", "nodes_table", "task_state"]
