@@ -189,6 +189,8 @@ class Driver:
             raise RunFailed(f"flwr run failed to submit the app: {' | '.join(tail)}")
         self.flwr_run_id = int(out["run-id"])
         self.run.write_state(flwr_run_id=self.flwr_run_id)
+        if self.job.app in BUILTIN_APPS:
+            return  # the built-in ServerApp writes logs/serverapp.log itself (flotilla.app.serverlog)
         with open(self.run.log_path("serverapp"), "ab") as fh:
             self.log_follower = subprocess.Popen(
                 ["flwr", "log", str(self.flwr_run_id), CONNECTION, "--stream"], env=self.env,
@@ -229,7 +231,8 @@ class Driver:
                 on_update(self.progress)
             done = self.progress.round >= self.job.rounds and (self.run.dir / "weights.npz").exists()
             follower_done = self.log_follower is not None and self.log_follower.poll() is not None
-            if done or follower_done or time.time() - last_status_check > 15:
+            # `flwr ls` costs ~1.4 s of CPU: ask when the record says done, else rarely (catches crashes)
+            if done or follower_done or time.time() - last_status_check > 30:
                 last_status_check = time.time()
                 st = self._flower_status() or ""
                 if st.startswith("finished"):
@@ -263,6 +266,13 @@ class Driver:
                 pass
 
     def _end_log_follower(self) -> None:
+        log = self.run.log_path("serverapp")
+        if self.flwr_run_id is not None and (not log.exists() or log.stat().st_size == 0):
+            try:  # the ServerApp never got to write its log (e.g. failed at import): ask Flower once
+                res = self.flwr("log", str(self.flwr_run_id), CONNECTION, "--show", timeout=30)
+                log.write_text(res.stdout + res.stderr)
+            except subprocess.TimeoutExpired:
+                pass
         p = self.log_follower
         if p is not None and p.poll() is None:
             time.sleep(0.5)  # let it catch the last lines

@@ -1,8 +1,10 @@
-"""The ServerApp: FedAvg over the fleet, central evaluation every round.
+"""The ServerApp: FedAvg (or the `auto` policy) over the fleet, central evaluation every round.
 
 Writes the run's records into run config `output-dir` (metrics.jsonl,
-devices.jsonl, weights.npz) and, when `metrics-port` is set, serves them
-as Prometheus metrics.
+devices.jsonl, round_starts.jsonl, weights.npz) and, when `metrics-port` is
+set, serves them as Prometheus metrics. round_starts.jsonl has one line per
+round as it begins ({"round", "t_start"}), for readers that act during a
+round (the throttle schedule); metrics.jsonl gets a round only at its end.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, M
 from flwr.serverapp import Grid, ServerApp
 
 from flotilla.app.grid import FleetGrid
-from flotilla.app.strategy import FleetFedAvg, wait_for_fleet
+from flotilla.app.strategy import AutoPlanner, FleetAuto, FleetFedAvg, wait_for_fleet
 
 app = ServerApp()
 
@@ -53,6 +55,42 @@ def query_capabilities(grid: FleetGrid, expected: int, wait_s: float) -> list[di
     return out
 
 
+def make_strategy(cfg, expected: int, caps: list[dict], on_round_start=None) -> FleetFedAvg:
+    """FedAvg for policies none/manual (every device, equal footing); FleetAuto for auto."""
+    common = dict(
+        expected_devices=expected,
+        fleet_wait_s=float(cfg.get("fleet-wait-s", 60)),
+        on_round_start=on_round_start,
+        fraction_train=float(cfg["fraction-train"]),
+        fraction_evaluate=0.0,  # evaluation is central: no evaluate messages, no round-trip
+        min_train_nodes=int(cfg["min-devices"]),
+        min_available_nodes=int(cfg["min-devices"]),
+    )
+    if str(cfg.get("policy", "manual")) != "auto":
+        return FleetFedAvg(**common)
+    planner = AutoPlanner(batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
+                          local_epochs=float(cfg["local-epochs"]), deadline_factor=float(cfg["deadline-factor"]))
+    for c in caps:
+        planner.add_capability(c["name"], c["class"], c.get("cpus"), c.get("memory"), c.get("throughput_sps"))
+    return FleetAuto(planner=planner, proximal_mu=float(cfg.get("proximal-mu", 0.0)), **common)
+
+
+def round_capabilities(server_round: int, devices: list[dict], last: dict[str, dict], t: float) -> list[dict]:
+    """devices.jsonl rows from a round's train replies: measured throughput, limits as last reported."""
+    rows = []
+    for d in devices:
+        if d["status"] not in ("ok", "partial") or not d.get("throughput_sps"):
+            continue
+        prev = last.get(d["name"], {})
+        row = {"name": d["name"], "class": d.get("class") or prev.get("class", ""), "node_id": d["node_id"],
+               "cpus": d.get("cpus", prev.get("cpus")), "memory": d.get("memory", prev.get("memory")),
+               "threads": prev.get("threads", 0), "throughput_sps": d["throughput_sps"], "round": server_round,
+               "t": t}
+        last[d["name"]] = row
+        rows.append(row)
+    return rows
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     import torch
@@ -61,8 +99,13 @@ def main(grid: Grid, context: Context) -> None:
     from flotilla.data import load_test
 
     cfg = context.run_config
+    policy = str(cfg.get("policy", "manual"))
     torch.manual_seed(int(cfg.get("seed", 0)))
     out_dir = Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None
+    if out_dir is not None:
+        from flotilla.app.serverlog import tee_to
+
+        tee_to(out_dir / "logs" / "serverapp.log")
     metrics_path = out_dir / "metrics.jsonl" if out_dir else None
     expected = int(cfg.get("expected-devices", 0)) or int(cfg["min-devices"])
     fleet = FleetGrid(grid, poll_s=0.1, lost_file=out_dir / "lost_devices.json" if out_dir else None)
@@ -84,14 +127,12 @@ def main(grid: Grid, context: Context) -> None:
     )
     model = Net()
     keys, _ = get_weights(model)
-    strategy = FleetFedAvg(
-        expected_devices=expected,
-        fraction_train=float(cfg["fraction-train"]),
-        fraction_evaluate=0.0,  # evaluation is central: no evaluate messages, no round-trip
-        min_train_nodes=int(cfg["min-devices"]),
-        min_available_nodes=int(cfg["min-devices"]),
-    )
+    strategy = make_strategy(cfg, expected, caps,
+                             on_round_start=lambda r, t: _append(out_dir / "round_starts.jsonl" if out_dir else None,
+                                                                 {"round": r, "t_start": t}))
     strategy.node_names = fleet.node_names
+    strategy.device_classes = {c["name"]: c["class"] for c in caps}
+    last_caps = {c["name"]: c for c in caps}
     t_run = time.time()
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -99,14 +140,25 @@ def main(grid: Grid, context: Context) -> None:
         loss, acc = evaluate(model, x_test, y_test)
         t_end = time.time()
         t_start = strategy.round_started.get(server_round, t_end)
+        devices = strategy.round_devices.get(server_round, [])
+        info = strategy.round_info.get(server_round, {})
         record = {
             "round": server_round, "accuracy": acc, "loss": loss,
             "t_start": t_start, "t_end": t_end, "wall_s": round(t_end - t_start, 4),
-            "devices": strategy.round_devices.get(server_round, []),
+            "devices": devices,
             "failures": strategy.round_failures.get(server_round, 0),
-            "lost": [fleet.node_names.get(n, str(n)) for n in fleet.abandoned] if server_round else [],
+            "lost": [d["name"] for d in devices if d["status"] == "lost"],
+            "policy": policy, "deadline_s": info.get("deadline_s"),
         }
+        for k in ("planned_round_s", "left_out"):
+            if k in info:
+                record[k] = info[k]
+        late = getattr(strategy, "late_seen", {}).get(server_round)
+        if late:
+            record["late_replies"] = late  # replies to earlier rounds that came after their deadline
         _append(metrics_path, record)
+        for row in round_capabilities(server_round, devices, last_caps, t_end):
+            _append(out_dir / "devices.jsonl" if out_dir else None, row)
         if exporter:
             exporter.observe_round(record)
         print(f"[flotilla] round {server_round}: accuracy={acc:.4f} loss={loss:.4f}", flush=True)

@@ -108,8 +108,7 @@ class LocalTarget(Target):
             f"# Flotilla job {plan.job.name!r} on the local target, as plain commands.",
             "set -euo pipefail",
             "export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1",
-            "flower-superlink --insecure --disable-runtime-dependency-installation "
-            "--database superlink.db --host 127.0.0.1 --port 8000 &",
+            "flower-superlink --insecure --disable-runtime-dependency-installation --host 127.0.0.1 --port 8000 &",
         ]
         for i, d in enumerate(plan.devices):
             limits = f" (limits: cpus={d.cpus}, memory={d.memory})" if d.cpus or d.memory else ""
@@ -132,10 +131,11 @@ class LocalTarget(Target):
         env["FLWR_HOME"] = str(run.dir / "flwr")
         port = free_port()
         state = run.write_state(superlink_port=port, groups={}, cgroups={}, device_pids={})
-        (run.dir / "superlink").mkdir(exist_ok=True)
         log = run.log_path("superlink")
+        # No --database: the state lives as long as this run, in memory (sqlite's locking failed runs
+        # under heavy load here: "database is locked").
         cmd = ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-               "--database", str(run.dir / "superlink" / "state.db"), "--host", "127.0.0.1", "--port", str(port)]
+               "--host", "127.0.0.1", "--port", str(port)]
         self.procs["superlink"] = self._spawn(cmd, env, log, None)
         self._record(run, "superlink", self.procs["superlink"].pid, None)
         wait_port(port, self.procs["superlink"], 60, "flower-superlink", log)

@@ -1,0 +1,1 @@
+"""plain-baseline: a Flower / PyTorch app in the style of Flower's quickstart-pytorch."""

@@ -1,0 +1,1 @@
+"""plain-noop: the Flower deployment engine's floor, with no model and no data."""
