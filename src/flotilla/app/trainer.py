@@ -36,6 +36,17 @@ class Trainer:
             torch.set_num_threads(threads)
         self.model = Net()
         self.throughput_sps: float | None = None
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One forward/backward pass at start-up, so the first round does not pay for torch's lazy init."""
+        import torch
+        import torch.nn.functional as F
+
+        from flotilla.app.task import Net
+
+        m = Net()
+        F.cross_entropy(m(torch.zeros(8, 1, 28, 28)), torch.zeros(8, dtype=torch.long)).backward()
 
     @staticmethod
     @lru_cache(maxsize=4)
