@@ -35,16 +35,6 @@ def flower_env() -> dict[str, str]:
     return env
 
 
-def _wait_for(path: str, proc: subprocess.Popen, timeout: float) -> None:
-    end = time.time() + timeout
-    while not os.path.exists(path):
-        if proc.poll() is not None:
-            raise SystemExit(f"flotilla device: trainer exited with code {proc.returncode} before it was ready")
-        if time.time() > end:
-            raise SystemExit("flotilla device: trainer did not start within %.0f s" % timeout)
-        time.sleep(0.05)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run one Flotilla device: warm trainer + Flower SuperNode")
     ap.add_argument("--name", required=True)
@@ -78,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "flotilla.app.trainer", "--socket", sock]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
-            trainer = subprocess.Popen(cmd, env=env)
-            children.append(trainer)
-            _wait_for(sock, trainer, 120)
+            # The SuperNode starts right away, in parallel (importing torch takes seconds on a small
+            # CPU quota); a ClientApp that arrives before the trainer is ready waits for its socket.
+            children.append(subprocess.Popen(cmd, env=env))
             node_config = (node_config + " " + format_node_config({"trainer": sock})).strip()
         cmd = [sys.executable, "-m", "flotilla.fast_supernode", "--superlink", args.superlink,
                "--port", str(args.port), "--node-config", node_config]

@@ -5,6 +5,7 @@ work to the device's warm trainer (node config `trainer`) when it has one.
 
 from __future__ import annotations
 
+import os
 import time
 from multiprocessing.connection import Client
 
@@ -18,6 +19,7 @@ _local_trainer = None
 def _call(ctx: Context, op: str, payload: dict | None = None):
     sock = ctx.node_config.get("trainer")
     if sock:
+        _wait_for_trainer(str(sock))
         with Client(str(sock), family="AF_UNIX") as conn:
             conn.send((op, payload))
             status, result = conn.recv()
@@ -32,6 +34,15 @@ def _call(ctx: Context, op: str, payload: dict | None = None):
     if op == "train":
         return _local_trainer.train(payload["keys"], payload["arrays"], payload["config"])
     return _local_trainer.capability()
+
+
+def _wait_for_trainer(sock: str, timeout_s: float = 300.0) -> None:
+    """The device starts its trainer and SuperNode together; the first message may beat the trainer."""
+    end = time.time() + timeout_s
+    while not os.path.exists(sock):
+        if time.time() > end:
+            raise RuntimeError(f"the device's trainer did not open {sock} within {timeout_s:.0f} s")
+        time.sleep(0.05)
 
 
 def _config(msg: Message, ctx: Context) -> dict:

@@ -14,7 +14,6 @@ what the rendered file's header tells a user to type.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -238,7 +237,7 @@ def _header(plan: Plan, run_id: str | None) -> str:
     return "\n".join([
         f"# Flotilla job {plan.job.name!r}: SuperLink + {len(plan.devices)} devices"
         + (f" (run {run_id})" if run_id else "") + ". Generated: edit the job file, not this.",
-        "#   docker compose up -d --wait                      # federation (SuperLink on 127.0.0.1:${FLOTILLA_SUPERLINK_PORT:-8000})",
+        "#   docker compose up -d --wait                      # SuperLink on 127.0.0.1:${FLOTILLA_SUPERLINK_PORT:-8000}",
         "#   docker compose --profile monitoring up -d --wait # + cAdvisor, Prometheus :9090, Grafana :3000",
         "#   flwr run <flotilla>/app/fab <superlink> --run-config \\",
         f"#     '{format_node_config(cfg)}'",
@@ -253,8 +252,12 @@ def _header(plan: Plan, run_id: str | None) -> str:
 class ComposeTarget(Target):
     name = "compose"
 
-    def __init__(self, image: str | None = None) -> None:
-        self.image = image or os.environ.get("FLOTILLA_IMAGE") or default_image()
+    def __init__(self, image: str | None = None, registry: str | None = None, insecure: bool = True) -> None:
+        # insecure is accepted for CLI symmetry: this target runs one host's private network without TLS.
+        if insecure is False:
+            raise TargetError("target compose runs without TLS on one host's private network; drop the TLS option "
+                              "or use target swarm/k8s")
+        self.image = image or os.environ.get("FLOTILLA_IMAGE") or default_image(registry)
         self._ps_cache: tuple[float, str, dict[str, dict]] | None = None
 
     # -- render ---------------------------------------------------------------------
@@ -278,6 +281,9 @@ class ComposeTarget(Target):
     # -- up -------------------------------------------------------------------------
     def up(self, plan: Plan, run: RunRecord) -> Federation:
         compose = compose_command()
+        if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+            raise TargetError("the Docker engine does not answer (`docker info` fails); start it, "
+                              "or point DOCKER_HOST at one")
         if "/" not in self.image.split(":")[0] and not _image_present(self.image):
             raise TargetError(f"image {self.image} is not in the local engine; build it with `flotilla images build` "
                               "(or set FLOTILLA_IMAGE to an image you have)")
@@ -299,11 +305,9 @@ class ComposeTarget(Target):
         run.write_state(superlink_port=port, limits_enforced=limits_ok,
                         limits_note="docker: NanoCpus/Memory on each device container" if limits_ok
                         else "docker did not apply every device limit")
-        fed = Federation(control_address=f"127.0.0.1:{port}", output_dir=RUN_MOUNT)
-        if "run_config" in {f.name for f in dataclasses.fields(Federation)}:
-            # The exporter's port inside the superlink container, where Prometheus scrapes it.
-            fed.run_config = {"metrics-port": METRICS_PORT}
-        return fed
+        # The ServerApp serves its exporter inside the superlink container, where Prometheus scrapes it.
+        return Federation(control_address=f"127.0.0.1:{port}", output_dir=RUN_MOUNT,
+                          serverapp_metrics_port=METRICS_PORT)
 
     # -- status ---------------------------------------------------------------------
     def _containers(self, run: RunRecord, max_age: float = 1.0) -> dict[str, dict]:
@@ -335,11 +339,9 @@ class ComposeTarget(Target):
             out[name] = _STATE_MAP.get(c["State"]["Status"], "starting") if c else "stopped"
         return out
 
-    def exit_code(self, name: str, run: RunRecord | None = None) -> int | None:
-        if run is None or self._ps_cache is None:
-            c = self._ps_cache[2].get(name) if self._ps_cache else None
-        else:
-            c = self._containers(run).get(name)
+    def exit_code(self, name: str) -> int | None:
+        """Exit code of an exited device container, from the last device_states() look."""
+        c = self._ps_cache[2].get(name) if self._ps_cache else None
         if c is None or c["State"]["Status"] not in ("exited", "dead"):
             return None
         return int(c["State"]["ExitCode"])

@@ -409,7 +409,7 @@ def connect(kubeconfig: str | None = None, context: str | None = None):
     try:
         from kubernetes import client, config
     except ImportError:
-        raise TargetError("the k8s target needs the kubernetes package: pip install kubernetes") from None
+        raise TargetError("the k8s target needs the kubernetes client: pip install 'flotilla[k8s]'") from None
     path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
     try:
         if os.path.isfile(path):
