@@ -4,6 +4,13 @@ Flower's HttpGrid.send_and_receive sleeps 3 s between pulls, which adds up
 to 3 s to every round. This wrapper pulls every `poll_s` through the public
 Grid API (push_messages / pull_messages), gives up on messages to devices
 the driver reported lost, and can stop waiting at a round deadline.
+
+A message given up on at the deadline is not forgotten: its device is still
+working on it. It stays `outstanding` (the device counts as busy, so the
+strategy does not queue more work behind it) and later exchanges keep
+pulling it; when the late reply arrives it goes to `late_replies` for the
+strategy (which may still use it, as a stale update). Messages to nodes in
+`optional` are not waited for at all: they go straight to `outstanding`.
 """
 
 from __future__ import annotations
@@ -11,10 +18,26 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+
+@dataclass(frozen=True)
+class Outstanding:
+    node_id: int
+    pushed_at: float
+    tag: int | None = None  # the strategy's label for the exchange (its round)
+
+
+@dataclass(frozen=True)
+class LateReply:
+    message: Message
+    pushed_at: float
+    arrived_at: float
+    tag: int | None = None
 
 
 class FleetGrid:
@@ -23,9 +46,16 @@ class FleetGrid:
         self.poll_s = poll_s
         self.lost_file = lost_file
         self.node_names: dict[int, str] = {}  # node id -> device name (from the capability query)
-        self.deadline_s: float | None = None  # set per round by the strategy
+        self.deadline_s: float | None = None  # set per round by the strategy; None: wait for everyone
+        self.optional: set[int] = set()  # nodes whose reply the next exchange does not wait for
+        self.tag: int | None = None  # label stored with outstanding messages (the strategy's round)
         self.abandoned: list[int] = []  # node ids given up on in the last exchange
+        self.abandon_reasons: dict[int, str] = {}  # node id -> "deadline" | "lost" (last exchange)
         self.on_abandon: Callable[[int, str], None] | None = None
+        self.pushed_at: float | None = None  # when the last exchange's messages went out
+        self.arrived: dict[int, float] = {}  # node id -> when its reply arrived (last exchange)
+        self.outstanding: dict[str, Outstanding] = {}  # message id -> past-deadline message still being worked on
+        self.late_replies: list[LateReply] = []  # late replies not yet taken by the strategy
 
     def __getattr__(self, name):  # everything else is Flower's
         return getattr(self._grid, name)
@@ -38,29 +68,51 @@ class FleetGrid:
         except (json.JSONDecodeError, OSError):
             return set()
 
+    def busy_nodes(self) -> set[int]:
+        """Nodes still working on a message given up on at an earlier deadline."""
+        return {o.node_id for o in self.outstanding.values()}
+
+    def harvest(self) -> list[LateReply]:
+        """Pull late replies now (one request) and hand over all collected so far."""
+        if self.outstanding:
+            self._pull_late(list(self._grid.pull_messages(list(self.outstanding))), time.time())
+        self._forget_lost()
+        out, self.late_replies = self.late_replies, []
+        return out
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        if not messages:  # e.g. no evaluate round: keep the last exchange's record of who was given up on
+        self.abandoned, self.abandon_reasons, self.arrived = [], {}, {}
+        if not messages:
             return []
-        dst = {}
         ids = list(self._grid.push_messages(messages))
-        for mid, msg in zip(ids, messages):
-            dst[mid] = msg.metadata.dst_node_id
-        pending = set(ids)
-        self.abandoned = []
-        start = time.time()
+        start = self.pushed_at = time.time()
+        dst = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages) if mid}
+        pending = set()
+        for mid, node in dst.items():
+            if node in self.optional:
+                self.outstanding[mid] = Outstanding(node, start, self.tag)
+            else:
+                pending.add(mid)
         limits = [t for t in (timeout, self.deadline_s) if t is not None]
         end = start + min(limits) if limits else None
         replies: list[Message] = []
         last_check = 0.0
         while pending:
-            got = list(self._grid.pull_messages(pending))
-            replies.extend(got)
-            pending -= {m.metadata.reply_to_message_id for m in got}
+            got = list(self._grid.pull_messages(list(pending | self.outstanding.keys())))
+            now = time.time()
+            for m in got:
+                mid = m.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    replies.append(m)
+                    self.arrived[dst[mid]] = now
+            self._pull_late(got, now)
             if not pending:
                 break
-            now = time.time()
             if end is not None and now >= end:
+                for mid in pending:
+                    self.outstanding[mid] = Outstanding(dst[mid], start, self.tag)
                 self._abandon(pending, dst, "deadline")
                 break
             if now - last_check > 1.0:
@@ -73,8 +125,22 @@ class FleetGrid:
             time.sleep(self.poll_s)
         return replies
 
+    def _pull_late(self, got: list[Message], now: float) -> None:
+        for m in got:
+            o = self.outstanding.pop(m.metadata.reply_to_message_id, None)
+            if o is not None:
+                self.late_replies.append(LateReply(m, o.pushed_at, now, o.tag))
+
+    def _forget_lost(self) -> None:
+        lost = self.lost_devices()
+        if lost:
+            for mid, o in list(self.outstanding.items()):
+                if self.node_names.get(o.node_id) in lost:
+                    del self.outstanding[mid]
+
     def _abandon(self, mids: set[str], dst: dict[str, int], why: str) -> None:
         for m in mids:
             self.abandoned.append(dst[m])
+            self.abandon_reasons[dst[m]] = why
             if self.on_abandon:
                 self.on_abandon(dst[m], why)

@@ -143,6 +143,8 @@ class LocalTarget(Target):
         want_limits = any(d.cpus is not None or d.memory is not None for d in plan.devices)
         enforce, reason = cgroups_available() if want_limits else (False, "no limits asked for")
         run.write_state(limits_enforced=bool(enforce and want_limits), limits_note=reason)
+        if want_limits and not enforce:
+            print(f"flotilla: warning: devices run without their CPU/memory limits ({reason})", file=sys.stderr)
         for d in plan.devices:
             cg = None
             if enforce and (d.cpus is not None or d.memory is not None):
