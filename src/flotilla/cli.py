@@ -262,6 +262,26 @@ def stop(
 
 
 @app.command()
+def throttle(
+    run_id: str = typer.Argument(..., help="Run id or prefix."),
+    device: str = typer.Argument(..., help="Device name, e.g. pi-2."),
+    cpus: Optional[float] = typer.Option(None, "--cpus", help="New CPU quota, e.g. 0.1."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="New memory limit, e.g. 512m."),
+    runs_dir: Path = RunsDirOpt,
+) -> None:
+    """Change a running device's CPU/memory limits now (rewrites its cgroup)."""
+    from flotilla.throttle import ThrottleError, throttle_now
+
+    rec = _find(run_id, runs_dir)
+    try:
+        res = throttle_now(rec, device, cpus=cpus, memory=memory)
+    except ThrottleError as e:
+        fail(str(e))
+    out.print(f"{device}: now cpus={res['applied'].get('cpus')} memory={res['applied'].get('memory')}",
+              highlight=False)
+
+
+@app.command()
 def render(
     job_file: Path = typer.Argument(..., help="The job file (YAML)."),
     target: Optional[str] = TargetOpt,

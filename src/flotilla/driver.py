@@ -206,6 +206,9 @@ class Driver:
             return None
 
     def _follow(self, on_update) -> None:
+        from flotilla.throttle import Throttler
+
+        throttler = Throttler(self.run) if self.job.heterogeneity.throttle else None
         seen_rounds = 0
         last_status_check = time.time()
         min_devices = self.job.strategy.min_devices
@@ -219,6 +222,10 @@ class Driver:
                 for d in last.get("devices", []):
                     self.progress.devices.setdefault(d["name"], {}).update(
                         train_s=d["train_s"], throughput_sps=d.get("throughput_sps"))
+            if throttler is not None:
+                for rec in throttler.tick():
+                    self.progress.message = (f"throttled {rec['device']}: cpus={rec.get('cpus')} "
+                                             f"memory={rec.get('memory')}" + (f" ({rec['error']})" if rec.get("error") else ""))
             states = self.target.device_states(self.run)
             for name, state in states.items():
                 self.progress.devices.setdefault(name, {})["state"] = state
