@@ -25,7 +25,9 @@ def run_status(rec: RunRecord) -> dict:
         devices.append({
             "name": d["name"], "class": d["device_class"], "cpus": d["cpus"], "memory": d["memory"],
             "effective_cpus": cap.get("cpus"), "effective_memory": cap.get("memory"),
-            "throughput_sps": per_round[-1].get("throughput_sps") if per_round else cap.get("throughput_sps"),
+            # the last measured value (rounds where a device was busy or late measure nothing)
+            "throughput_sps": next((x["throughput_sps"] for x in reversed(per_round) if x.get("throughput_sps")),
+                                   cap.get("throughput_sps")),
             "train_s": round(sum(x["train_s"] for x in per_round), 3),
             "lost": d["name"] in st.get("lost_devices", []),
         })

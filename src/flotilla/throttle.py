@@ -99,15 +99,26 @@ class Throttler:
         self.t_round1: float | None = None
         self.started = 0  # highest round known to have started
         self.completed = -1  # highest round in metrics.jsonl (0: the initial evaluation)
+        self._warned = False
 
     @property
     def pending(self) -> list[int]:
         return [i for i in range(len(self.steps)) if i not in self.done]
 
     def tick(self, now: float | None = None) -> list[dict]:
-        """Apply the steps that are due; returns the records written (usually none)."""
+        """Apply the steps that are due; returns the records written (usually none). Never raises:
+        a throttle that cannot be applied is recorded and reported, and the run goes on."""
         if not self.pending:
             return []
+        try:
+            return self._tick(now)
+        except Exception as err:  # noqa: BLE001 - the driver's follow loop must not die of a throttle
+            if not self._warned:
+                self._warned = True
+                print(f"flotilla: throttle schedule: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            return []
+
+    def _tick(self, now: float | None) -> list[dict]:
         self._refresh()
         now = time.time() if now is None else now
         due = [i for i in self.pending if step_due(self.steps[i], now, self.t_round1, self.started, self.completed)]
@@ -194,9 +205,10 @@ def throttle_now(run: RunRecord, device: str, cpus: float | None = None, memory:
             raise ThrottleError(f"--memory {memory}: at least 64m (a Flower SuperNode alone needs more)")
     st = run.state()
     status = st.get("status", "unknown")
-    if status != "running" or not _driver_alive(st.get("driver_pid")):
-        why = status if status != "running" else "running but its driver is gone"
-        raise ThrottleError(f"run {run.run_id} is {why}, not running: only a running run can be throttled")
+    if status != "running":
+        raise ThrottleError(f"run {run.run_id} is {status}, not running: only a running run can be throttled")
+    if not _driver_alive(st.get("driver_pid")):
+        raise ThrottleError(f"run {run.run_id} is not running (its driver is gone); `flotilla stop` cleans it up")
     devices = st.get("devices") or [d["name"] for d in run.plan().get("devices", [])]
     if device not in devices:
         raise ThrottleError(f"unknown device {device!r} in run {run.run_id}; its devices: {', '.join(devices)}")

@@ -79,6 +79,8 @@ def train(msg: Message, context: Context) -> Message:
             "lr": float(res["lr"]),
             "started": started,
             "ended": time.time(),
+            # effective limits now (a throttle shows here); the ServerApp records them per round
+            **{k: float(res[k]) for k in ("cpus", "memory") if res.get(k) is not None},
         }
     )
     return Message(RecordDict({"arrays": record, "metrics": metrics, "device": ConfigRecord(_device(context))}), reply_to=msg)

@@ -69,7 +69,7 @@ class FleetGrid:
             return set()
 
     def busy_nodes(self) -> set[int]:
-        """Nodes still working on a message given up on at an earlier deadline."""
+        """Nodes still working on an earlier message (past its deadline, or sent as optional)."""
         return {o.node_id for o in self.outstanding.values()}
 
     def harvest(self) -> list[LateReply]:

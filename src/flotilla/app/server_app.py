@@ -79,7 +79,7 @@ def round_capabilities(server_round: int, devices: list[dict], last: dict[str, d
     """devices.jsonl rows from a round's train replies: measured throughput, limits as last reported."""
     rows = []
     for d in devices:
-        if d["status"] not in ("ok", "partial") or not d.get("throughput_sps"):
+        if d["status"] not in ("ok", "partial", "stale") or not d.get("throughput_sps"):
             continue
         prev = last.get(d["name"], {})
         row = {"name": d["name"], "class": d.get("class") or prev.get("class", ""), "node_id": d["node_id"],
@@ -153,9 +153,6 @@ def main(grid: Grid, context: Context) -> None:
         for k in ("planned_round_s", "left_out"):
             if k in info:
                 record[k] = info[k]
-        late = getattr(strategy, "late_seen", {}).get(server_round)
-        if late:
-            record["late_replies"] = late  # replies to earlier rounds that came after their deadline
         _append(metrics_path, record)
         for row in round_capabilities(server_round, devices, last_caps, t_end):
             _append(out_dir / "devices.jsonl" if out_dir else None, row)

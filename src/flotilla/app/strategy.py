@@ -9,20 +9,25 @@ it sends and how it averages; it only adds to the hooks:
 
 FleetAuto (policy auto) sizes each device's work from measurements:
 - AutoPlanner keeps per-device estimates (throughput, fixed per-round
-  overhead, partition size, limits) and plans each round: a memory-safe
-  batch, the learning rate scaled to it, local steps so that the fleet does
-  `local_epochs` of its data in the shortest round its summed throughput
-  allows (every device busy until about the same time), and a deadline of
-  deadline_factor x the median planned device time;
+  overhead such as starting a ClientApp, partition size, limits) and plans
+  each round: a memory-safe batch and the learning rate scaled to it; the
+  devices to wait for (those that do not hold the round up); local steps so
+  that these do `local_epochs` of the fleet's data in the shortest round
+  their throughputs allow, with every device busy until about the same time
+  and no device given over twice the steps of another; and a deadline of
+  deadline_factor x the median planned device time. Round 1 (nothing
+  measured) is the job's plain work, and measures everyone.
 - configure_train sends each device its own config (one message per node);
-  the trainer stops at its deadline-s and reports the steps it did;
-- FleetGrid stops waiting at the deadline; a device still working is `busy`
-  and gets no new work until its late reply (timings only) arrives;
+  the trainer stops at its deadline-s and reports the steps it did.
+- FleetGrid stops waiting at the deadline. A device that missed it, or one
+  planned not to be waited for, is `busy` until its reply arrives; the reply
+  is then applied as a stale update (its change moved onto the current model,
+  weighed down by staleness) and its timings refresh the estimates.
 - aggregate_train averages with FedNova weights (hetero.fednova_aggregate):
   each update counts per local step, so devices that did more steps do not
   pull the model their way. Updates of few steps (under 1/4 of the round's
-  most) are left out: FedNova scales them up by up to 4x, and scaled-up
-  noise costs more accuracy than their few steps bring.
+  most) are left out: FedNova scales them up, and scaled-up noise costs
+  more accuracy than their few steps bring.
 The math lives in flotilla.app.hetero and in the pure helpers below.
 """
 
@@ -34,6 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -50,11 +56,12 @@ BYTES_PER_SAMPLE = 256 * 1024
 MEMORY_HEADROOM = 0.9  # the base above is measured, so only a small margin on top
 MAX_WORK_FACTOR = 4.0  # a fast device does at most this many times its own local_epochs
 MIN_DEADLINE_S = 2.0  # below this, polling jitter alone would make devices late
-SYNC_SHARE = 0.25  # a device that would train under 1/4 of the busiest device's samples works asynchronously
+SYNC_SLACK = 0.25  # the round waits for a device if that makes it at most 25% longer
+MAX_STEP_RATIO = 2.0  # planned steps of any two devices differ at most 2x (FedNova stays well-conditioned)
 MAX_STALENESS = 5  # rounds; an older late update is dropped
 FIRST_ROUND_SYNC_QUOTA = 0.5  # round 1 waits for devices with at least this share of the top CPU quota
 MIN_TIMED_S = 0.05  # training shorter than this says little about throughput (timer, first-step costs)
-MIN_STEP_SHARE = 1 / 4  # updates with fewer steps than this share of the round's most are left out
+MIN_STEP_SHARE = 1 / 4  # updates with under this share of the round's most fresh steps are left out
 JUMP = 1.5  # a measurement this far off the estimate replaces it (a throttle, not noise)
 
 
@@ -77,56 +84,112 @@ def update_estimate(old: float | None, new: float, jump: float = JUMP, weight: f
     return weight * new + (1 - weight) * old
 
 
-def fleet_round_time(throughputs: Sequence[float], overheads: Sequence[float], work_samples: float) -> float:
-    """The shortest round T in which the fleet trains `work_samples` samples.
+def allocate(throughputs: Sequence[float], overheads: Sequence[float], work_samples: float,
+             caps: Sequence[float] | None = None, max_ratio: float = MAX_STEP_RATIO) -> tuple[float, list[float]]:
+    """The shortest round D and the samples each device trains in it.
 
-    Device i trains at throughputs[i] samples/s after a fixed overheads[i]
-    seconds, so it contributes thr_i * max(0, T - o_i); T solves
-    sum_i thr_i * max(0, T - o_i) = work (piecewise linear, increasing).
-    inf when no device has a positive throughput.
+    Device i starts training after its fixed overhead o_i (message, ClientApp
+    start) and trains at throughputs[i] samples/s, so by D it can do
+    thr_i * (D - o_i), at most caps[i]. No device is given more than
+    `max_ratio` times the samples of the least-given one: FedNova divides each
+    update by its steps, and large step ratios scale the few-step updates' noise
+    up. D is the smallest round in which the samples add up to `work_samples`
+    (or to what the caps allow). Work done by D grows with D: bisection.
     """
-    if len(throughputs) != len(overheads):
-        raise ValueError("throughputs and overheads must be equally long")
-    if work_samples <= 0:
-        return min((o for o, t in zip(overheads, throughputs) if t > 0), default=0.0)
-    pts = sorted((max(0.0, o), t) for o, t in zip(overheads, throughputs) if t > 0)
-    rate = offset = 0.0  # trained(T) = rate * T - offset between breakpoints
-    for k, (o, t) in enumerate(pts):
-        rate += t
-        offset += t * o
-        t_solve = (work_samples + offset) / rate
-        nxt = pts[k + 1][0] if k + 1 < len(pts) else math.inf
-        if t_solve <= nxt:
-            return t_solve
-    return math.inf
+    n = len(throughputs)
+    if n == 0 or len(overheads) != n:
+        raise ValueError("need equally many throughputs and overheads, at least one")
+    if any(not t > 0 for t in throughputs):
+        raise ValueError("throughputs must be > 0")
+    caps = [math.inf] * n if caps is None else list(caps)
+
+    def given(d: float) -> list[float]:
+        can = [min(c, t * max(0.0, d - o)) for t, o, c in zip(throughputs, overheads, caps)]
+        top = max_ratio * min(can)
+        return [min(x, top) for x in can]
+
+    lo = max(overheads)
+    hi = max(o + min(c, work_samples) / t for t, o, c in zip(throughputs, overheads, caps))
+    if sum(given(hi)) < work_samples:  # the caps (or the ratio) bind: the most this fleet can do
+        return hi, given(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(given(mid)) < work_samples else (lo, mid)
+        if hi - lo < 1e-4:
+            break
+    return hi, given(hi)
 
 
 def sync_devices(throughputs: Sequence[float], overheads: Sequence[float], work_samples: float,
-                 min_share: float = SYNC_SHARE) -> list[int]:
+                 caps: Sequence[float] | None = None, slack: float = SYNC_SLACK) -> list[int]:
     """Indices of the devices the round waits for; the others work asynchronously.
 
     Devices join in order of their fixed per-round overhead (e.g. starting a
-    ClientApp, slow at a small CPU quota). One joins if, in the round the
-    devices so far plus it need for the work, it would still train at least
-    `min_share` of the samples of the busiest of them: otherwise it would hold
-    the round up or train almost nothing in it (and FedNova would scale its
-    few steps up), and it does better training a whole round's length and
-    arriving later. The device with the least overhead always joins.
+    ClientApp, slow at a small CPU quota); one joins if the round with it
+    (`allocate`) is at most `slack` longer than the shortest round so far. A
+    device left out would hold the round up: it trains anyway and its update
+    is applied when it arrives. The device with the least overhead always joins.
     """
+    caps = [math.inf] * len(throughputs) if caps is None else list(caps)
     order = sorted((i for i, t in enumerate(throughputs) if t > 0), key=lambda i: overheads[i])
     sync: list[int] = []
+    best = math.inf
     for i in order:
         with_i = sync + [i]
-        t_round = fleet_round_time([throughputs[j] for j in with_i], [overheads[j] for j in with_i], work_samples)
-        share = [throughputs[j] * max(0.0, t_round - overheads[j]) for j in with_i]
-        if not sync or share[-1] >= min_share * max(share):
+        d, _ = allocate([throughputs[j] for j in with_i], [overheads[j] for j in with_i], work_samples,
+                        [caps[j] for j in with_i])
+        if not sync or d <= (1 + slack) * best:
             sync.append(i)
+            best = min(best, d)
     return sorted(sync)
 
 
 def reply_status(steps_done: int, steps_planned: int | None) -> str:
     """ok: did the planned work; partial: stopped at its deadline with fewer steps."""
     return "partial" if steps_planned is not None and steps_done < steps_planned else "ok"
+
+
+@dataclass(frozen=True)
+class Update:
+    """A device's trained model: from the current global model, or (stale) from `base`, `staleness` rounds ago."""
+
+    arrays: list
+    num_examples: int
+    steps: int
+    base: list | None = None
+    staleness: int = 0
+
+
+def aggregate_updates(global_arrays: list, updates: Sequence[Update],
+                      min_step_share: float = MIN_STEP_SHARE) -> tuple[list, list[bool]]:
+    """FedNova over fresh and stale updates; returns the new model and which updates were used.
+
+    A stale update's change (base - x) is moved onto the current model and its
+    data weight divided by sqrt(1 + staleness) (FedBuff/FedAsync-style). Updates
+    with fewer than `min_step_share` of the most steps among the fresh ones
+    (among all, if none is fresh) are left out: FedNova would scale them up.
+    With only stale updates the step is damped by their mean discount, so an
+    old update never moves the model as far as a fresh one would.
+    """
+    fresh_steps = [u.steps for u in updates if u.base is None]
+    most = max(fresh_steps or [u.steps for u in updates])
+    used = [u.steps > 0 and u.steps >= min_step_share * most for u in updates]
+    kept = [u for u, ok in zip(updates, used) if ok]
+    if not kept:
+        return list(global_arrays), used
+    clients, weights = [], []
+    for u in kept:
+        if u.base is None:
+            clients.append(u.arrays)
+            weights.append(float(u.num_examples))
+        else:
+            clients.append([g - (b - x) for g, b, x in zip(global_arrays, u.base, u.arrays)])
+            weights.append(u.num_examples / math.sqrt(1 + u.staleness))
+    new = hetero.fednova_aggregate(global_arrays, clients, weights, [u.steps for u in kept])
+    if all(u.base is not None for u in kept):
+        damp = statistics.mean(1 / math.sqrt(1 + u.staleness) for u in kept)
+        new = [(g + damp * (n - g)).astype(np.asarray(g).dtype) for g, n in zip(global_arrays, new)]
+    return new, used
 
 
 # -- the auto planner ---------------------------------------------------------
@@ -188,11 +251,13 @@ class AutoPlanner:
         bytes_per_sample: int = BYTES_PER_SAMPLE,
         min_deadline_s: float = MIN_DEADLINE_S,
         max_work_factor: float = MAX_WORK_FACTOR,
+        max_staleness: int = MAX_STALENESS,
     ) -> None:
         self.batch_size, self.lr, self.local_epochs = batch_size, lr, local_epochs
         self.deadline_factor = deadline_factor
         self.base_bytes, self.bytes_per_sample = base_bytes, bytes_per_sample
         self.min_deadline_s, self.max_work_factor = min_deadline_s, max_work_factor
+        self.max_staleness = max_staleness
         self.devices: dict[str, DeviceEstimate] = {}
 
     def device(self, name: str) -> DeviceEstimate:
@@ -228,6 +293,17 @@ class AutoPlanner:
         d.measured_rounds += 1
         if partition_size > 0:
             d.samples = partition_size
+
+    def observe_late(self, name: str, waited_s: float, planned_train_s: float) -> None:
+        """A device's reply is still out after `waited_s`: its overhead is at least waited_s - planned_train_s.
+
+        Raising the estimate to that bound lets the next plan stop waiting for a
+        device that slowed down (throttled) before its late reply says by how much.
+        """
+        d = self.device(name)
+        bound = waited_s - planned_train_s
+        if d.overhead_s is None or bound > d.overhead_s:
+            d.overhead_s = bound
 
     def batch_for(self, d: DeviceEstimate) -> int:
         batch = hetero.memory_safe_batch_size(d.memory, self.base_bytes, self.bytes_per_sample, self.batch_size,
@@ -271,12 +347,14 @@ class AutoPlanner:
             return self._first_plan(devs)
         thr, ovh, n = self._imputed(devs)
         batches = [self.batch_for(d) for d in devs]
-        caps = [max(1, math.ceil(self.max_work_factor * self.local_epochs * max(ni, b) / b)) for ni, b in zip(n, batches)]
-        sync = sync_devices(thr, ovh, self.local_epochs * sum(n))
-        round_s = fleet_round_time([thr[i] for i in sync], [ovh[i] for i in sync], self.local_epochs * sum(n))
-        steps = {i: hetero.local_steps_for(thr[i], batches[i], round_s, caps[i], overhead_s=ovh[i]) for i in sync}
+        work = self.local_epochs * sum(n)
+        caps = [self.max_work_factor * self.local_epochs * max(ni, b) for ni, b in zip(n, batches)]
+        sync = sync_devices(thr, ovh, work, caps)
+        round_s, samples = allocate([thr[i] for i in sync], [ovh[i] for i in sync], work, [caps[i] for i in sync])
+        steps = {i: max(1, int(x // batches[i])) for i, x in zip(sync, samples)}
         predicted = {i: ovh[i] + steps[i] * batches[i] / thr[i] for i in sync}
         deadline = hetero.round_deadline(list(predicted.values()), self.deadline_factor, self.min_deadline_s)
+        typical = statistics.median(steps.values())
         out = {}
         for i, d in enumerate(devs):
             b = batches[i]
@@ -286,13 +364,12 @@ class AutoPlanner:
                 train_deadline = max(0.01, deadline - 1.25 * ovh[i] - 0.2)
                 out[d.name] = Assignment(b, lr, steps[i], None, round(train_deadline, 3), round(predicted[i], 3))
             else:
-                # not waited for: train a round's length, or enough steps to stay within
-                # MIN_STEP_SHARE of the busiest device (so its update is kept), and arrive
-                # a few rounds later as a stale update
-                floor = math.ceil(MIN_STEP_SHARE * max(steps.values()))
-                s = max(hetero.local_steps_for(thr[i], b, round_s, caps[i]), min(floor, caps[i]))
+                # not waited for: as many steps as a typical waited-for device (its update then
+                # counts like theirs when it arrives), but few enough to arrive while still fresh
+                fresh_s = (self.max_staleness - 1) * deadline - ovh[i]
+                s = max(1, min(int(typical), int(caps[i] // b), int(fresh_s * thr[i] // b)))
                 train_s = s * b / thr[i]
-                out[d.name] = Assignment(b, lr, s, None, round(1.5 * train_s, 3), round(ovh[i] + train_s, 3),
+                out[d.name] = Assignment(b, lr, s, None, round(1.5 * train_s + 1.0, 3), round(ovh[i] + train_s, 3),
                                          wait=False)
         return RoundPlan(deadline_s=deadline, round_s=round_s, work=out)
 
@@ -374,6 +451,7 @@ class FleetFedAvg(FedAvg):
             rec = device_record(msg, self.node_names)
             a = plan.get(rec["name"])
             rec["planned_steps"] = a.steps if a else None
+            rec["train_deadline_s"] = a.train_deadline_s if a else None
             rec["status"] = reply_status(rec["steps"], a.steps if a else None)
             if pushed is not None and node in arrived:
                 rec["reply_s"] = round(arrived[node] - pushed, 4)
@@ -411,8 +489,8 @@ class FleetAuto(FleetFedAvg):
         self._plan: RoundPlan | None = None
         self._busy: list[int] = []
         self._async: list[int] = []
+        self._sent: dict[int, Assignment] = {}  # node -> the work last sent to it
         self._late: list = []  # late replies not yet aggregated
-        self.late_seen: dict[int, list[dict]] = {}
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -424,10 +502,12 @@ class FleetAuto(FleetFedAvg):
         lost = getattr(grid, "lost_devices", set)()
         node_ids = [n for n in node_ids if self._name(n) not in lost]
         busy = self._wait_for_a_free_device(grid, node_ids)
+        busy = self._wait_for_quick_busy_devices(grid, node_ids, busy)
         self._busy = [n for n in node_ids if n in busy]
         send = [n for n in node_ids if n not in busy]
         plan = self._plan = self.planner.plan([self._name(n) for n in send])
         self._async = [n for n in send if not plan.work[self._name(n)].wait]
+        self._sent |= {n: plan.work[self._name(n)] for n in send}
         if hasattr(grid, "optional"):
             grid.deadline_s, grid.optional, grid.tag = plan.deadline_s, set(self._async), server_round
         self._globals[server_round] = arrays
@@ -443,6 +523,36 @@ class FleetAuto(FleetFedAvg):
             messages.append(Message(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg}),
                                     message_type=MessageType.TRAIN, dst_node_id=n))
         return messages
+
+    def _wait_for_quick_busy_devices(self, grid: Grid, node_ids: list[int], busy: set[int]) -> set[int]:
+        """Wait (at most half a planned round) for busy devices the round would wait for anyway.
+
+        A quick device that just missed a deadline is usually seconds from its
+        reply; starting the round without it would plan the round around the
+        slow devices that happen to be free.
+        """
+        if not busy:
+            return busy
+        self._censor_busy(grid, busy)
+        everyone = self.planner.plan([self._name(n) for n in node_ids])
+        wanted = {n for n in busy if everyone.work[self._name(n)].wait}
+        if not wanted or everyone.round_s is None:
+            return busy
+        end = time.time() + 0.5 * everyone.round_s
+        while wanted & busy and time.time() < end:
+            time.sleep(0.1)
+            self._late += grid.harvest()
+            busy = grid.busy_nodes()
+        return busy
+
+    def _censor_busy(self, grid: Grid, busy: set[int]) -> None:
+        """A busy device's reply takes at least as long as it has been out: tell the planner."""
+        now = time.time()
+        for o in getattr(grid, "outstanding", {}).values():
+            a = self._sent.get(o.node_id)
+            e = self.planner.devices.get(self._name(o.node_id))
+            if o.node_id in busy and a and a.steps and e and e.throughput_sps:
+                self.planner.observe_late(self._name(o.node_id), now - o.pushed_at, a.steps * a.batch / e.throughput_sps)
 
     def _wait_for_a_free_device(self, grid: Grid, node_ids: list[int]) -> set[int]:
         """The busy nodes; when every node is busy, wait (bounded) for a late reply to free one.
@@ -470,11 +580,13 @@ class FleetAuto(FleetFedAvg):
                 self.planner.observe(rec["name"], samples=rec["samples"], train_s=rec["train_s"],
                                      partition_size=rec.get("num_examples", 0), reply_s=rec.get("reply_s"),
                                      handler_s=rec["ended"] - rec["started"] if rec.get("started") else None)
+
         grid = self._grid
         if grid is not None and hasattr(grid, "optional"):
             self._late += grid.harvest()
             grid.deadline_s, grid.optional = None, set()
-        stale = self._take_late(server_round)
+        stale_records, stale = self._take_late(server_round)
+        records += stale_records
         for rec in records:
             e = self.planner.devices.get(rec["name"])
             rec["est_throughput_sps"] = _round(e.throughput_sps if e else None, 2)
@@ -486,52 +598,48 @@ class FleetAuto(FleetFedAvg):
         if (not valid and not stale) or current is None:
             return None, None
         g = current.to_numpy_ndarrays()
-        clients, weights, steps = [], [], []
-        for m in valid:
-            clients.append(m.content[self.arrayrecord_key].to_numpy_ndarrays())
-            weights.append(float(m.content["metrics"][self.weighted_by_key]))
-            steps.append(int(m.content["metrics"]["steps"]))
-        for m, base, staleness in stale:
-            # its change, moved onto the current model: g - (base - x)
-            x = m.content[self.arrayrecord_key].to_numpy_ndarrays()
-            clients.append([gk - (bk - xk) for gk, bk, xk in zip(g, base.to_numpy_ndarrays(), x)])
-            weights.append(float(m.content["metrics"][self.weighted_by_key]) / math.sqrt(1 + staleness))
-            steps.append(int(m.content["metrics"]["steps"]))
-        keep = [i for i, st in enumerate(steps) if st >= MIN_STEP_SHARE * max(steps)]
-        self.round_info[server_round]["left_out"] = len(steps) - len(keep)
-        new = hetero.fednova_aggregate(g, [clients[i] for i in keep], [weights[i] for i in keep],
-                                       [steps[i] for i in keep])
+        key, metric = self.arrayrecord_key, self.weighted_by_key
+        fresh = [Update(m.content[key].to_numpy_ndarrays(), int(m.content["metrics"][metric]),
+                        int(m.content["metrics"]["steps"])) for m in valid]
+        old = [Update(m.content[key].to_numpy_ndarrays(), int(m.content["metrics"][metric]),
+                      int(m.content["metrics"]["steps"]), base.to_numpy_ndarrays(), staleness)
+               for _, m, base, staleness in stale]
+        new, used = aggregate_updates(g, fresh + old)
+        for (rec, *_), ok in zip(stale, used[len(fresh):]):
+            rec["aggregated"] = ok
+        in_average = {m.metadata.src_node_id: ok for m, ok in zip(valid, used)}
+        for rec in records:
+            if rec["status"] in ("ok", "partial"):
+                rec["aggregated"] = in_average.get(rec["node_id"], False)
+        self.round_info[server_round]["left_out"] = used.count(False)
         arrays = ArrayRecord(array_dict={k: Array(a) for k, a in zip(current.keys(), new)}, keep_input=False)
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid], self.weighted_by_key) if valid else None
+        metrics = self.train_metrics_aggr_fn([m.content for m in valid], metric) if valid else None
         return arrays, metrics
 
-    def _take_late(self, server_round: int) -> list[tuple[Message, ArrayRecord, int]]:
-        """Late replies: their timings update the planner; usable ones become stale updates."""
-        usable, seen = [], []
+    def _take_late(self, server_round: int) -> tuple[list[dict], list[tuple[dict, Message, ArrayRecord, int]]]:
+        """Late replies: records (status stale) for this round, their timings to the planner,
+        and the usable ones as (record, message, the model it trained from, staleness)."""
+        records, usable = [], []
         for late in self._late:
             msg = late.message
-            name = self._name(msg.metadata.src_node_id)
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                seen.append({"name": name, "sent_round": late.tag, "used": False, "error": str(msg.error.reason)[:300]})
+                records.append(self._missing(node, "lost", {}, error=str(msg.error.reason)[:300]))
                 continue
-            m = msg.content["metrics"]
-            train_s, samples, steps = float(m.get("train-s", 0.0)), int(m.get("samples", 0)), int(m.get("steps", 0))
-            ended = float(m.get("ended", 0.0))
-            reply_s = ended - late.pushed_at if ended > late.pushed_at else None
-            started = float(m.get("started", 0.0))
-            self.planner.observe(name, samples=samples, train_s=train_s, partition_size=int(m.get("num-examples", 0)),
-                                 reply_s=reply_s, handler_s=ended - started if started else None)
+            rec = device_record(msg, self.node_names)
+            reply_s = rec["ended"] - late.pushed_at if rec["ended"] > late.pushed_at else None
+            self.planner.observe(rec["name"], samples=rec["samples"], train_s=rec["train_s"],
+                                 partition_size=rec["num_examples"], reply_s=reply_s,
+                                 handler_s=rec["ended"] - rec["started"] if rec["started"] else None)
             staleness = server_round - late.tag if late.tag is not None else None
             base = self._globals.get(late.tag) if late.tag is not None else None
-            used = base is not None and staleness is not None and 0 <= staleness <= self.max_staleness and steps > 0
-            if used:
-                usable.append((msg, base, staleness))
-            seen.append({"name": name, "sent_round": late.tag, "staleness": staleness, "used": used,
-                         "train_s": round(train_s, 4), "samples": samples, "steps": steps,
-                         "reply_s": _round(reply_s)})
+            rec |= {"status": "stale", "sent_round": late.tag, "staleness": staleness, "aggregated": False,
+                    "reply_s": _round(reply_s)}
+            if base is not None and staleness is not None and 0 <= staleness <= self.max_staleness and rec["steps"]:
+                usable.append((rec, msg, base, staleness))
+            records.append(rec)
         self._late = []
-        self.late_seen[server_round] = seen
-        return usable
+        return records, usable
 
 
 def _round(x: float | None, nd: int = 3) -> float | None:
@@ -560,9 +668,10 @@ def device_record(msg: Message, node_names: dict[int, str]) -> dict:
         "ended": float(m.get("ended", 0.0)),
         "status": "ok",
     }
-    for k in ("cpus", "memory"):  # effective limits, when the device reports them per round
-        if k in m:
-            rec[k] = m[k]
+    if "cpus" in m:  # effective limits, when the device reports them per round
+        rec["cpus"] = float(m["cpus"])
+    if "memory" in m:
+        rec["memory"] = int(m["memory"])
     return rec
 
 
@@ -571,6 +680,7 @@ def missing_record(name: str, node_id: int, status: str, work: Assignment | None
     rec = {
         "name": name, "class": "", "node_id": node_id, "train_s": 0.0, "samples": 0, "steps": 0,
         "planned_steps": work.steps if work else None,
+        "train_deadline_s": work.train_deadline_s if work else None,
         "batch_size": work.batch if work else None, "lr": work.lr if work else None,
         "throughput_sps": None, "status": status,
     }

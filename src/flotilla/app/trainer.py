@@ -81,16 +81,22 @@ class Trainer:
         self.throughput_sps = res["samples"] / res["train_s"] if res["train_s"] > 0 else None
         _, out = get_weights(self.model)
         res |= {"batch_size": min(batch, len(x)), "lr": float(cfg["lr"]), "partition_size": len(x)}
+        res |= {k: v for k, v in self.limits().items() if v is not None}  # a throttle shows in the next reply
         return out, res
 
-    def capability(self) -> dict:
-        cap: dict = {"pid": os.getpid(), "threads": _threads()}
+    @staticmethod
+    def limits() -> dict:
+        """Effective CPU quota and memory limit of this process (cgroups); None where unknown."""
         try:
             from flotilla.sandbox.cgroups import effective_limits_of_self
 
-            cap |= effective_limits_of_self()
+            return effective_limits_of_self()
         except Exception:  # no cgroup view (macOS, odd containers): report unknown limits
-            cap |= {"cpus": None, "memory": None}
+            return {"cpus": None, "memory": None}
+
+    def capability(self) -> dict:
+        cap: dict = {"pid": os.getpid(), "threads": _threads()}
+        cap |= self.limits()
         cap["throughput_sps"] = self.throughput_sps
         return cap
 

@@ -185,8 +185,9 @@ class FlotillaExporter:
             name, cls = str(d["name"]), str(d.get("class") or "unknown")
             self._device_class[name] = cls
             labels = (run, name, cls)
-            if d.get("status", "ok") != "ok":
-                self.observe_failure(name, str(d["status"]))
+            if d.get("status", "ok") not in ("ok", "partial", "stale"):
+                if d["status"] in ("late", "lost"):  # busy/async: by design, not failures
+                    self.observe_failure(name, str(d["status"]))
                 continue
             self._rounds_trained.labels(*labels).inc()
             if _is_number(d.get("train_s")):

@@ -20,6 +20,7 @@ REPORT_DIR = "report"
 DPI = 100
 WAIT_COLOR = "#d9d9d9"
 MISSING_COLOR = "#d62728"
+TRAINED = ("ok", "partial")  # statuses of a device that trained in the round (auto: partial = stopped at its deadline)
 
 
 @dataclass
@@ -68,7 +69,7 @@ def _load(run_dir: Path):
             dev = devices.setdefault(name, _Device(name))
             dev.cls = str(d.get("class") or dev.cls)
             dev.per_round[r["round"]] = d
-            if d.get("status", "ok") != "ok":
+            if d.get("status", "ok") not in TRAINED:
                 continue
             train = _num(d.get("train_s")) or 0.0
             dev.rounds += 1
