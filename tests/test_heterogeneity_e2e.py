@@ -257,7 +257,8 @@ def test_auto_does_not_wait_for_a_device_throttled_mid_run(job_file, tmp_path):
         assert rounds[n]["wall_s"] < rounds[n]["deadline_s"] + 3.0
         assert dev3[n]["status"] in ("late", "partial", "busy", "async"), dev3[n]
         others = [d for d in rounds[n]["devices"] if d["name"] != "dev-3"]
-        assert any(d["status"] in ("ok", "partial") and d["steps"] > 0 for d in others), others
+        # the others' work reached the model this round: fresh, partial, or a late (stale) update
+        assert any(d["status"] in ("ok", "partial", "stale") and d["steps"] > 0 for d in others), others
     # dev-3's full round-1 work at a tenth of the CPU takes ~10x its round-1 time; rounds 2-3 took far less
     full_work_at_tenth = 10 * (dev3[1]["reply_s"])
     assert max(rounds[2]["wall_s"], rounds[3]["wall_s"]) < 0.6 * full_work_at_tenth
