@@ -7,7 +7,6 @@ BIN := $(VENV)/bin
 
 $(BIN)/flotilla: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	# torch 2.13.0 (CPU) is pinned in pyproject.toml; pip takes it from local disk where it lies there.
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(BIN)/flotilla
