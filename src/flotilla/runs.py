@@ -118,6 +118,38 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+class JsonlTail:
+    """New complete lines of a JSONL file that is being appended to (remembers its offset: cheap to poll)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._offset = 0
+        self._partial = b""
+
+    def read_new(self) -> list[dict]:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return []
+        if size < self._offset:  # rewritten from scratch: start over
+            self._offset, self._partial = 0, b""
+        if size == self._offset:
+            return []
+        with open(self.path, "rb") as fh:
+            fh.seek(self._offset)
+            chunk = fh.read(size - self._offset)
+        self._offset += len(chunk)
+        *lines, self._partial = (self._partial + chunk).split(b"\n")  # the last piece is still being written
+        out = []
+        for line in lines:
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # not a record: skip it
+        return out
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")

@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from flotilla.job import JobError, ThrottleStep, parse_job, parse_memory
-from flotilla.runs import RunRecord, append_jsonl, read_jsonl
+from flotilla.runs import JsonlTail, RunRecord, append_jsonl, read_jsonl
 
 THROTTLE_FILE = "throttle.jsonl"
 ROUND_STARTS_FILE = "round_starts.jsonl"  # written by the ServerApp as each round begins
@@ -37,31 +37,6 @@ ROUND_STARTS_FILE = "round_starts.jsonl"  # written by the ServerApp as each rou
 
 class ThrottleError(ValueError):
     """A throttle that cannot be done; the message is one line saying why and what to do."""
-
-
-class JsonlTail:
-    """New complete lines of a JSONL file since the last read (remembers its offset: cheap to poll)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-
-    def read_new(self) -> list[dict]:
-        try:
-            with open(self.path, "rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1  # a line still being written waits for the next read
-        self.offset += end
-        out = []
-        for line in data[:end].splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        return out
 
 
 def step_due(step: ThrottleStep, now: float, t_round1: float | None, started: int, completed: int) -> bool:

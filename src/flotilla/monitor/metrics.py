@@ -25,6 +25,8 @@ from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 
+from flotilla.runs import JsonlTail
+
 log = logging.getLogger(__name__)
 
 RUN_STATES = ("starting", "running", "completed", "failed", "stopped")
@@ -277,39 +279,6 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-class _JsonlTail:
-    """Reads only complete new lines of a JSONL file that is being appended to."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-
-    def read_new(self) -> list[dict]:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return []
-        if size < self._offset:  # rewritten from scratch: start over
-            self._offset, self._partial = 0, b""
-        if size == self._offset:
-            return []
-        with open(self.path, "rb") as fh:
-            fh.seek(self._offset)
-            chunk = fh.read(size - self._offset)
-        self._offset += len(chunk)
-        data = self._partial + chunk
-        *lines, self._partial = data.split(b"\n")  # the last piece has no newline yet
-        out = []
-        for line in lines:
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    log.warning("%s: skipping a line that is not JSON", self.path)
-        return out
-
-
 def follow_run(
     run_dir: str | Path,
     exporter: FlotillaExporter,
@@ -328,7 +297,7 @@ def follow_run(
     one last read picks up the final round.
     """
     run_dir = Path(run_dir)
-    metrics = _JsonlTail(run_dir / "metrics.jsonl")
+    metrics = JsonlTail(run_dir / "metrics.jsonl")
     observed = 0
     last_status = None
     while True:
