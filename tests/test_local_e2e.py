@@ -53,6 +53,9 @@ def test_run_two_devices_two_rounds(job_file, tmp_path):
     assert json.loads(st.stdout)["status"] == "completed"
     lg = flotilla("logs", s["run_id"], "--device", "dev-1", "--runs-dir", tmp_path / "runs")
     assert "flotilla device dev-1: started" in lg.stdout
+    # ClientApps were forks of the warm process, and every latency patch applied (none fell back)
+    assert "ClientApps start as forks of a warm process" in lg.stdout
+    assert "as shipped" not in lg.stdout and "starting flwr-clientapp instead" not in lg.stdout
 
     assert processes_of(run.dir) == []
     assert cgroups_of(s["run_id"]) == []

@@ -1,48 +1,59 @@
-"""`flower-supernode` with a shorter idle poll.
+"""`flower-supernode` with its waits shortened and a fork-server SuperExec.
 
-flwr 1.4x's SuperNode sleeps a hard-coded 3 s whenever a pull finds no
-message (flwr/supernode/start_client_internal.py), and pushes a finished
-reply only on its next loop: up to 6 s of idle time per round. This entry
-point runs the unmodified SuperNode with that module's `time` replaced by a
-proxy whose sleep() is capped at FLOTILLA_POLL_S (default 0.2 s). Pulls are
-small HTTP requests to the SuperLink. If a future flwr moves that loop, the
-patch finds nothing to patch, says so, and the SuperNode runs as shipped.
+Runs the unmodified SuperNode after engine_tuning's patches: its idle poll
+(3 s) and reply check (0.5 s) capped at FLOTILLA_POLL_S (default 0.2 s;
+pulls are small HTTP requests to the SuperLink) and object pulls retried
+after 50 ms instead of 1 s. The SuperNode starts its SuperExec as
+`flower-superexec ARGS`; here that becomes `python -m flotilla.fast_superexec
+ARGS`, whose ClientApps are forks of a warm process. Whatever a future flwr
+moved is reported on stderr and left as shipped.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time as _time
+
+from flotilla import engine_tuning
 
 
-class _FastTime:
-    def __init__(self, cap_s: float) -> None:
-        self.cap_s = cap_s
+class _SuperExecPopen:
+    """subprocess stand-in: `flower-superexec ARGS` becomes `python -m flotilla.fast_superexec ARGS`."""
 
-    def sleep(self, seconds: float) -> None:
-        _time.sleep(min(seconds, self.cap_s))
+    def __init__(self, subprocess_module) -> None:
+        self._subprocess = subprocess_module
+
+    def Popen(self, args, *a, **kw):  # noqa: N802 (subprocess's name)
+        if isinstance(args, list) and args and args[0] == "flower-superexec":
+            args = [sys.executable, "-m", "flotilla.fast_superexec", *args[1:]]
+        return self._subprocess.Popen(args, *a, **kw)
 
     def __getattr__(self, name):
-        return getattr(_time, name)
+        return getattr(self._subprocess, name)
 
 
-def patch_poll(cap_s: float) -> bool:
+def use_fast_superexec() -> bool:
     try:
         import flwr.supernode.start_client_internal as sci
     except ImportError:
         return False
-    if getattr(sci, "time", None) is not _time:
+    if not hasattr(getattr(sci, "subprocess", None), "Popen"):
         return False
-    sci.time = _FastTime(cap_s)
+    sci.subprocess = _SuperExecPopen(sci.subprocess)
     return True
 
 
+def _warn(what: str) -> None:
+    print(f"flotilla: {what} for this flwr version; running it as shipped", file=sys.stderr, flush=True)
+
+
 def main() -> None:
-    cap = float(os.environ.get("FLOTILLA_POLL_S", "0.2"))
-    if cap > 0 and not patch_poll(cap):
-        print("flotilla: could not shorten the SuperNode poll for this flwr version; running it as shipped",
-              file=sys.stderr, flush=True)
+    if engine_tuning.poll_cap_s() > 0 and not engine_tuning.shorten_supernode_poll():
+        _warn("could not shorten the SuperNode poll")
+    if not engine_tuning.shorten_pull_backoff():
+        _warn("could not shorten the object pull back-off")
+    if os.environ.get("FLOTILLA_FORK_CLIENTAPPS", "1") != "0" and not use_fast_superexec():
+        _warn("could not start the fork-server SuperExec")
     from flwr.supernode.cli import flower_supernode
 
     sys.argv[0] = "flower-supernode"

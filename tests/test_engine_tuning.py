@@ -1,0 +1,55 @@
+"""Flotilla's latency patches still find what they patch in the installed flwr.
+
+These change timing constants of unmodified flwr code (engine_tuning) and
+swap the SuperExec's executor (fast_superexec). If a flwr upgrade moved any
+of them the engine would silently run as shipped: 3 s idle polls, 1 s pull
+back-offs, a Python start per ClientApp. Each check runs in a fresh
+interpreter, as the SuperNode and SuperExec do.
+"""
+
+import subprocess
+import sys
+
+
+def run_py(code: str) -> str:
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res.stdout.strip()
+
+
+def test_supernode_poll_and_pull_backoff_are_shortened():
+    out = run_py(
+        "from flotilla import engine_tuning as t\n"
+        "assert t.shorten_supernode_poll(0.2) and t.shorten_pull_backoff()\n"
+        "import flwr.supernode.start_client_internal as sci, time\n"
+        "t0 = time.monotonic(); sci.time.sleep(3); slept = time.monotonic() - t0\n"
+        "from flwr.supercore.inflatable import inflatable_utils as iu\n"
+        "d = iu.pull_objects.__kwdefaults__\n"
+        "print(round(slept, 1), d['initial_backoff'], d['backoff_cap'], "
+        "iu.pull_and_inflate_object_from_tree.__kwdefaults__['initial_backoff'])"
+    )
+    assert out == "0.2 0.05 1.0 0.05"
+
+
+def test_supernode_starts_the_fork_server_superexec():
+    out = run_py(
+        "from flotilla.fast_supernode import use_fast_superexec\n"
+        "assert use_fast_superexec()\n"
+        "import flwr.supernode.start_client_internal as sci\n"
+        "p = sci.subprocess.Popen(['flower-superexec', '--help'], stdout=sci.subprocess.PIPE, text=True)\n"
+        "print(p.args[1:3]); p.wait()"
+    )
+    assert out == "['-m', 'flotilla.fast_superexec']"
+
+
+def test_superexec_uses_the_fork_server_executor():
+    out = run_py(
+        "from flotilla.fast_superexec import patch_executor\n"
+        "assert patch_executor()\n"
+        "from flwr.supercore.constant import ExecutorType\n"
+        "from flwr.supercore.superexec import run_superexec as rs\n"
+        "e = rs.get_executor(ExecutorType.SUBPROCESS)\n"
+        "import multiprocessing.forkserver as fs\n"
+        "print(type(e).__name__, fs._forkserver._forkserver_pid is not None); e.close()"
+    )
+    assert out == "ForkServerExecutor True"
