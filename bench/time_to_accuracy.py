@@ -102,8 +102,8 @@ def went_in(d: dict) -> bool:
 
 
 def training_seconds(r: dict) -> float:
-    """Device-seconds of training that went into the model this round."""
-    return sum(d.get("train_s") or 0.0 for d in r.get("devices", []) if went_in(d))
+    """Device-seconds of training that went into the model this round (train-ahead time included)."""
+    return sum((d.get("train_s") or 0.0) + (d.get("ahead_s") or 0.0) for d in r.get("devices", []) if went_in(d))
 
 
 def utilization(rounds: list[dict], n_devices: int) -> float:
@@ -125,7 +125,7 @@ def idle_share(rounds: list[dict], n_devices: int) -> float:
 def samples_until(rounds: list[dict], target: float) -> int | None:
     total = 0
     for r in (r for r in rounds if r["round"] >= 1):
-        total += sum(d.get("samples") or 0 for d in r.get("devices", []) if went_in(d))
+        total += sum((d.get("samples") or 0) + (d.get("ahead_samples") or 0) for d in r.get("devices", []) if went_in(d))
         if r["accuracy"] >= target:
             return total
     return None

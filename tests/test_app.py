@@ -84,3 +84,47 @@ def test_client_app_imports_no_torch():
     code = "import sys, flotilla.app.client_app; print(sorted(m for m in ('torch','mlxtend','sklearn','pandas') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_train_ahead_carries_progress_onto_the_next_global_model():
+    from flotilla.app.trainer import Trainer
+
+    trainer = Trainer(threads=1)
+    keys, w0 = get_weights(Net())
+    cfg = CFG | {"train-ahead": 1, "local-steps": 5}
+    out, res = trainer.train(keys, w0, cfg)
+    assert res["ahead_steps"] == 0 and res["steps"] == 5  # nothing trained ahead before the first message
+    sent = [a.copy() for a in out]
+    trainer.after_reply()  # the reply is out: the device trains on instead of idling
+    wait_until = time.time() + 30
+    while trainer._ahead.result["steps"] == 0 and time.time() < wait_until:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    assert all(np.array_equal(o, s) for o, s in zip(out, sent)), "the reply's arrays changed under training ahead"
+
+    # the next round's global model: the progress made meanwhile is carried onto it, and counted
+    _, w1 = get_weights(Net())
+    ahead = trainer._ahead
+    at_stop = {}
+    finish = ahead.finish
+
+    def finish_and_look():
+        delta, result = finish()
+        at_stop.update({k: t.detach().numpy().copy() for k, t in ahead.model.state_dict().items()})
+        return delta, result
+
+    ahead.finish = finish_and_look
+    out2, res2 = trainer.train(keys, w1, cfg | {"local-steps": 1, "lr": 0.0})  # lr 0: the round itself moves nothing
+    assert not ahead.thread.is_alive()
+    assert res2["ahead_steps"] > 0 and res2["ahead_s"] > 0 and res2["ahead_samples"] == 32 * res2["ahead_steps"]
+    assert res2["ahead_steps"] <= 16 * 5  # bounded by the last round's own steps
+    # carried = what the device trained past its reply: (model when stopped) - (model it replied with)
+    for o2, a, k, s in zip(out2, w1, keys, sent):
+        assert np.allclose(o2 - a, at_stop[k] - s, atol=1e-6)
+    assert any(np.abs(at_stop[k] - s).max() > 0 for k, s in zip(keys, sent))
+
+    # without train-ahead the next round starts from the global model alone
+    trainer.after_reply()
+    out3, res3 = trainer.train(keys, w1, CFG | {"local-steps": 1, "lr": 0.0})
+    assert res3["ahead_steps"] == 0
+    assert all(np.array_equal(o, a) for o, a in zip(out3, w1))

@@ -23,6 +23,7 @@ from flotilla.app.strategy import (
     reply_status,
     sync_devices,
     update_estimate,
+    update_steps,
 )
 from flotilla.runs import RunRecord, read_jsonl
 from flotilla.sandbox.cgroups import DeviceCgroup
@@ -90,6 +91,21 @@ def test_aggregation_is_fednova_over_fresh_and_stale_updates():
     assert used == [True, True, False] and new[0] == pytest.approx(np.full(3, 1.5))
 
 
+def test_steps_trained_ahead_refine_the_direction_but_cap_the_step_length():
+    g = [np.zeros(2)]
+    # each device moved 0.1 per step; one trained 90 of its 100 steps ahead of the round
+    a = Update([np.array([10.0, 0.0])], 100, 100, ahead_steps=90)
+    b = Update([np.array([0.0, 3.0])], 100, 30)
+    new, used = aggregate_updates(g, [a, b], ahead_step_gain=2.0)
+    # per-step directions averaged: (0.1, 0) and (0, 0.1) -> (0.05, 0.05); the step is the rounds'
+    # own steps (mean of 10 and 30 = 20) x gain 2 = 40 long, not FedNova's 65 (mean of 100 and 30)
+    assert used == [True, True] and new[0] == pytest.approx([2.0, 2.0])
+    new, _ = aggregate_updates(g, [a, b], ahead_step_gain=100.0)  # a cap above tau_eff changes nothing
+    assert new[0] == pytest.approx([3.25, 3.25])
+    without, _ = aggregate_updates(g, [Update([np.array([1.0, 0.0])], 100, 10), Update([np.array([0.0, 1.0])], 100, 10)])
+    assert without[0] == pytest.approx([0.5, 0.5])  # no train-ahead: plain FedNova
+
+
 def test_a_lone_stale_update_moves_the_model_less_than_a_fresh_one():
     g = [np.full(2, 10.0)]
     stale = Update([np.full(2, 2.0)], 100, 10, base=[np.zeros(2)], staleness=3)  # moved +2 from its base
@@ -101,6 +117,12 @@ def test_reply_status():
     assert reply_status(10, 10) == "ok"
     assert reply_status(4, 10) == "partial"
     assert reply_status(63, None) == "ok"
+
+
+def test_steps_trained_ahead_count_in_the_update_but_not_in_the_rounds_status():
+    assert update_steps({"steps": 40, "ahead-steps": 120}) == 160  # FedNova divides the change by all of them
+    assert update_steps({"steps": 40}) == 40  # a device without train-ahead (or an older app)
+    assert reply_status(40, 40) == "ok"  # the round's own work decides ok/partial
 
 
 def _planner(**kw) -> AutoPlanner:

@@ -152,6 +152,11 @@ class Heterogeneity(_Strict):
     policy: Literal["none", "manual", "auto"] = "manual"
     deadline_factor: float = Field(1.5, gt=1, description="auto: round deadline = factor x median device time.")
     proximal_mu: float = Field(0.0, ge=0, description="auto: FedProx proximal term weight (0 = off).")
+    train_ahead: bool = Field(
+        True,
+        description="auto: devices keep training while their reply travels and the server aggregates; "
+        "the progress is carried onto the next global model (no idle time between rounds).",
+    )
     throttle: list[ThrottleStep] = []
 
 

@@ -33,7 +33,7 @@ def _call(ctx: Context, op: str, payload: dict | None = None):
         _local_trainer = Trainer(threads=None)
     if op == "train":
         return _local_trainer.train(payload["keys"], payload["arrays"], payload["config"])
-    return _local_trainer.capability()
+    return _local_trainer.capability(payload["config"])
 
 
 def _wait_for_trainer(sock: str, timeout_s: float = 300.0) -> None:
@@ -77,6 +77,10 @@ def train(msg: Message, context: Context) -> Message:
             "train-loss": float(res["train_loss"]),
             "batch-size": int(res["batch_size"]),
             "lr": float(res["lr"]),
+            # trained before this message arrived (train-ahead), carried into this update
+            "ahead-steps": int(res.get("ahead_steps", 0)),
+            "ahead-samples": int(res.get("ahead_samples", 0)),
+            "ahead-s": float(res.get("ahead_s", 0.0)),
             "started": started,
             "ended": time.time(),
             # effective limits now (a throttle shows here); the ServerApp records them per round
@@ -89,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Capability report: the device's effective limits and measured throughput."""
-    cap = _call(context, "capability")
+    cap = _call(context, "capability", {"config": _config(msg, context)})
     cfg = ConfigRecord(_device(context))
     metrics = MetricRecord({k: float(v) for k, v in cap.items() if isinstance(v, (int, float)) and v is not None})
     return Message(RecordDict({"device": cfg, "metrics": metrics}), reply_to=msg)

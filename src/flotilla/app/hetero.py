@@ -120,12 +120,15 @@ def local_steps_for(
     return max(min_steps, min(target_steps, steps))
 
 
-def fednova_weights(num_examples: Sequence[int], local_steps: Sequence[int]) -> np.ndarray:
+def fednova_weights(num_examples: Sequence[int], local_steps: Sequence[int],
+                    max_tau_eff: float | None = None) -> np.ndarray:
     """Coefficients c_i with FedNova's result = x_global - sum_i c_i (x_global - x_i).
 
     p_i = n_i / sum n (data weights), tau_i = local steps, tau_eff = sum p_i tau_i;
     c_i = tau_eff p_i / tau_i. With equal steps c_i = p_i (FedAvg). Clients with
     no examples get 0; a client with examples but 0 steps made no update: drop it.
+    tau_eff is the global step's length in local steps; FedNova lets the server
+    choose it (Wang et al. 2020, Sec. 4): `max_tau_eff` caps it.
     """
     n = np.asarray(num_examples, dtype=np.float64)
     tau = np.asarray(local_steps, dtype=np.float64)
@@ -138,6 +141,8 @@ def fednova_weights(num_examples: Sequence[int], local_steps: Sequence[int]) -> 
     p = n / n.sum()
     tau_safe = np.where(tau > 0, tau, 1.0)
     tau_eff = float((p * tau).sum())
+    if max_tau_eff is not None:
+        tau_eff = min(tau_eff, max(float(max_tau_eff), 0.0))
     return tau_eff * p / tau_safe
 
 
@@ -146,13 +151,14 @@ def fednova_aggregate(
     client_arrays: Sequence[Sequence[np.ndarray]],
     num_examples: Sequence[int],
     local_steps: Sequence[int],
+    max_tau_eff: float | None = None,
 ) -> list[np.ndarray]:
     """FedNova (vanilla local SGD): x_global - tau_eff * sum_i p_i (x_global - x_i) / tau_i.
 
     Arrays keep the global model's dtypes; integer arrays (e.g. BatchNorm's
     num_batches_tracked) are rounded.
     """
-    c = fednova_weights(num_examples, local_steps)
+    c = fednova_weights(num_examples, local_steps, max_tau_eff)
     if len(client_arrays) != len(c):
         raise ValueError(f"{len(client_arrays)} clients' arrays but {len(c)} example counts")
     out = []

@@ -49,6 +49,7 @@ def query_capabilities(grid: FleetGrid, expected: int, wait_s: float) -> list[di
                 "memory": int(m["memory"]) if "memory" in m else None,
                 "threads": int(m.get("threads", 0)),
                 "throughput_sps": m.get("throughput_sps"),
+                "partition_size": int(m["partition_size"]) if "partition_size" in m else None,
                 "t": time.time(),
             }
         )
@@ -71,8 +72,10 @@ def make_strategy(cfg, expected: int, caps: list[dict], on_round_start=None) -> 
     planner = AutoPlanner(batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
                           local_epochs=float(cfg["local-epochs"]), deadline_factor=float(cfg["deadline-factor"]))
     for c in caps:
-        planner.add_capability(c["name"], c["class"], c.get("cpus"), c.get("memory"), c.get("throughput_sps"))
-    return FleetAuto(planner=planner, proximal_mu=float(cfg.get("proximal-mu", 0.0)), **common)
+        planner.add_capability(c["name"], c["class"], c.get("cpus"), c.get("memory"), c.get("throughput_sps"),
+                               c.get("partition_size"))
+    return FleetAuto(planner=planner, proximal_mu=float(cfg.get("proximal-mu", 0.0)),
+                     train_ahead=bool(int(cfg.get("train-ahead", 0))), **common)
 
 
 def round_capabilities(server_round: int, devices: list[dict], last: dict[str, dict], t: float) -> list[dict]:
@@ -98,6 +101,9 @@ def main(grid: Grid, context: Context) -> None:
     from flotilla.app.task import Net, evaluate, get_weights, set_weights, to_tensors
     from flotilla.data import load_test
 
+    from flotilla.engine_tuning import shorten_pull_backoff
+
+    shorten_pull_backoff()  # replies are pulled while their SuperNode may still be pushing them
     cfg = context.run_config
     policy = str(cfg.get("policy", "manual"))
     torch.manual_seed(int(cfg.get("seed", 0)))

@@ -62,6 +62,7 @@ MAX_STALENESS = 5  # rounds; an older late update is dropped
 FIRST_ROUND_SYNC_QUOTA = 0.5  # round 1 waits for devices with at least this share of the top CPU quota
 MIN_TIMED_S = 0.05  # training shorter than this says little about throughput (timer, first-step costs)
 MIN_STEP_SHARE = 1 / 4  # updates with under this share of the round's most fresh steps are left out
+AHEAD_STEP_GAIN = 2.0  # train-ahead may lengthen the global step at most this much (see aggregate_updates)
 JUMP = 1.5  # a measurement this far off the estimate replaces it (a throttle, not noise)
 
 
@@ -158,11 +159,18 @@ class Update:
     steps: int
     base: list | None = None
     staleness: int = 0
+    ahead_steps: int = 0  # of `steps`, those trained ahead (before this round's model arrived)
 
 
 def aggregate_updates(global_arrays: list, updates: Sequence[Update],
-                      min_step_share: float = MIN_STEP_SHARE) -> tuple[list, list[bool]]:
+                      min_step_share: float = MIN_STEP_SHARE,
+                      ahead_step_gain: float = AHEAD_STEP_GAIN) -> tuple[list, list[bool]]:
     """FedNova over fresh and stale updates; returns the new model and which updates were used.
+
+    Steps trained ahead refine each update's direction; the global step's
+    length (FedNova's tau_eff) is held to `ahead_step_gain` x what the rounds'
+    own steps would give, so a few seconds of carried work cannot make the
+    server overshoot (seen as accuracy noise between rounds).
 
     A stale update's change (base - x) is moved onto the current model and its
     data weight divided by sqrt(1 + staleness) (FedBuff/FedAsync-style). Updates
@@ -185,7 +193,12 @@ def aggregate_updates(global_arrays: list, updates: Sequence[Update],
         else:
             clients.append([g - (b - x) for g, b, x in zip(global_arrays, u.base, u.arrays)])
             weights.append(u.num_examples / math.sqrt(1 + u.staleness))
-    new = hetero.fednova_aggregate(global_arrays, clients, weights, [u.steps for u in kept])
+    own = [u.steps - u.ahead_steps for u in kept]
+    cap = None
+    if any(u.ahead_steps for u in kept):
+        w = np.asarray(weights) / sum(weights)
+        cap = ahead_step_gain * float((w * np.asarray(own)).sum())
+    new = hetero.fednova_aggregate(global_arrays, clients, weights, [u.steps for u in kept], cap)
     if all(u.base is not None for u in kept):
         damp = statistics.mean(1 / math.sqrt(1 + u.staleness) for u in kept)
         new = [(g + damp * (n - g)).astype(np.asarray(g).dtype) for g, n in zip(global_arrays, new)]
@@ -264,8 +277,9 @@ class AutoPlanner:
         return self.devices.setdefault(name, DeviceEstimate(name))
 
     def add_capability(self, name: str, cls: str = "", cpus: float | None = None, memory: int | None = None,
-                       throughput_sps: float | None = None) -> None:
+                       throughput_sps: float | None = None, samples: int | None = None) -> None:
         d = self.device(name)
+        d.samples = samples if samples and samples > 0 else d.samples
         d.cls = cls or d.cls
         d.cpus = cpus if cpus and cpus > 0 else d.cpus
         d.memory = memory if memory and memory > 0 else d.memory
@@ -480,10 +494,11 @@ class FleetAuto(FleetFedAvg):
     """
 
     def __init__(self, *, planner: AutoPlanner, proximal_mu: float = 0.0, max_staleness: int = MAX_STALENESS,
-                 **kwargs) -> None:
+                 train_ahead: bool = True, **kwargs) -> None:
         super().__init__(**kwargs)
         self.planner = planner
         self.proximal_mu = proximal_mu
+        self.train_ahead = train_ahead
         self.max_staleness = max_staleness
         self._globals: dict[int, ArrayRecord] = {}  # round -> the model sent that round (for stale updates)
         self._plan: RoundPlan | None = None
@@ -516,7 +531,8 @@ class FleetAuto(FleetFedAvg):
         self.round_info[server_round] = {
             "policy": "auto", "deadline_s": _round(plan.deadline_s), "planned_round_s": _round(plan.round_s),
         }
-        base = dict(config) | {"server-round": server_round, "proximal-mu": float(self.proximal_mu)}
+        base = dict(config) | {"server-round": server_round, "proximal-mu": float(self.proximal_mu),
+                               "train-ahead": int(self.train_ahead)}
         messages = []
         for n in send:
             cfg = ConfigRecord(base | plan.work[self._name(n)].config())
@@ -593,16 +609,18 @@ class FleetAuto(FleetFedAvg):
             rec["est_overhead_s"] = _round(e.overhead_s if e else None, 3)
 
         valid, _ = self._check_and_log_replies(replies, is_train=True)
-        valid = [m for m in valid if int(m.content["metrics"].get("steps", 0)) > 0]
+        valid = [m for m in valid if update_steps(m.content["metrics"]) > 0]
         current = self._globals.get(server_round)
         if (not valid and not stale) or current is None:
             return None, None
         g = current.to_numpy_ndarrays()
         key, metric = self.arrayrecord_key, self.weighted_by_key
         fresh = [Update(m.content[key].to_numpy_ndarrays(), int(m.content["metrics"][metric]),
-                        int(m.content["metrics"]["steps"])) for m in valid]
+                        update_steps(m.content["metrics"]),
+                        ahead_steps=int(m.content["metrics"].get("ahead-steps", 0))) for m in valid]
         old = [Update(m.content[key].to_numpy_ndarrays(), int(m.content["metrics"][metric]),
-                      int(m.content["metrics"]["steps"]), base.to_numpy_ndarrays(), staleness)
+                      update_steps(m.content["metrics"]), base.to_numpy_ndarrays(), staleness,
+                      int(m.content["metrics"].get("ahead-steps", 0)))
                for _, m, base, staleness in stale]
         new, used = aggregate_updates(g, fresh + old)
         for (rec, *_), ok in zip(stale, used[len(fresh):]):
@@ -646,6 +664,11 @@ def _round(x: float | None, nd: int = 3) -> float | None:
     return None if x is None or not math.isfinite(x) else round(x, nd)
 
 
+def update_steps(metrics) -> int:
+    """Local steps in a device's update: the round's own plus those trained ahead and carried into it."""
+    return int(metrics.get("steps", 0)) + int(metrics.get("ahead-steps", 0))
+
+
 def device_record(msg: Message, node_names: dict[int, str]) -> dict:
     """One device's training report, from its reply."""
     m = msg.content["metrics"]
@@ -668,6 +691,9 @@ def device_record(msg: Message, node_names: dict[int, str]) -> dict:
         "ended": float(m.get("ended", 0.0)),
         "status": "ok",
     }
+    if "ahead-steps" in m:  # train-ahead: trained before the message came, part of this update
+        rec |= {"ahead_steps": int(m["ahead-steps"]), "ahead_samples": int(m.get("ahead-samples", 0)),
+                "ahead_s": round(float(m.get("ahead-s", 0.0)), 4)}
     if "cpus" in m:  # effective limits, when the device reports them per round
         rec["cpus"] = float(m["cpus"])
     if "memory" in m:

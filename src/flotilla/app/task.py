@@ -60,8 +60,10 @@ def train(
     seed: int,
     deadline_s: float | None = None,
     proximal_mu: float = 0.0,
+    stop=None,
 ) -> dict:
-    """SGD for `steps` mini-batches (epochs wrap around), stopping early at `deadline_s`.
+    """SGD for `steps` mini-batches (epochs wrap around), stopping early at `deadline_s`
+    or when `stop` (a threading.Event) is set.
 
     Returns what the server needs to weigh and time the update: steps and
     samples actually done, training seconds, mean loss.
@@ -92,6 +94,8 @@ def train(
         loss_sum += loss.detach().item()
         if deadline_s is not None and time.perf_counter() - t0 >= deadline_s:
             break  # partial work: the server weighs it by steps done
+        if stop is not None and stop.is_set():
+            break
     train_s = time.perf_counter() - t0
     return {"steps": done, "samples": samples, "train_s": train_s, "train_loss": loss_sum / max(done, 1)}
 

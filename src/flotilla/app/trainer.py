@@ -14,6 +14,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 import traceback
 from functools import lru_cache
 from multiprocessing.connection import Listener
@@ -26,6 +27,57 @@ def _f(cfg: dict, key: str, default=None):
     return default if v in (None, "") else v
 
 
+AHEAD_MAX_S = 120.0  # a device whose next message never comes (the run ended) stops by itself
+AHEAD_MAX_FACTOR = 16  # steps trained ahead: at most this many times the last round's own steps
+
+
+class TrainAhead:
+    """Training between a reply and the device's next train message (policy auto's `train-ahead`).
+
+    Between rounds a device would idle while its reply travels, the server
+    aggregates and the next message arrives (the per-round overhead). Instead
+    it keeps training its local model, at the lowest CPU priority so the
+    SuperNode and ClientApp still get the device's quota first. When the next
+    round's global model arrives, the progress made meanwhile (local model now
+    minus the model it replied with) is carried onto it, as in Overlap
+    Local-SGD / delayed averaging (Wang et al. 2020, Zhou et al. 2020), and
+    its steps count in the round's update. At most `max_steps` (the last
+    round's own steps x AHEAD_MAX_FACTOR by default): the carried part stays bounded.
+    """
+
+    def __init__(self, model, x, y, cfg: dict, max_steps: int, seed: int) -> None:
+        self.model = model
+        self.sent = {k: t.detach().clone() for k, t in model.state_dict().items()}
+        self.stop = threading.Event()
+        self.result = {"steps": 0, "samples": 0, "train_s": 0.0}
+        self._args = (x, y, cfg, max_steps, seed)
+        self.thread = threading.Thread(target=self._run, name="train-ahead", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from flotilla.app.task import train
+
+        x, y, cfg, max_steps, seed = self._args
+        try:  # Linux: nice applies per thread; lowering it needs no privilege
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        self.result = train(
+            self.model, x, y, batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
+            momentum=float(_f(cfg, "momentum", 0.0)), steps=max_steps, seed=seed,
+            deadline_s=float(_f(cfg, "ahead-max-s", AHEAD_MAX_S)), proximal_mu=float(_f(cfg, "proximal-mu", 0.0)),
+            stop=self.stop,
+        )
+
+    def finish(self) -> tuple[dict, dict]:
+        """Stop; return (the local progress since the reply, per float tensor; steps/samples/seconds done)."""
+        self.stop.set()
+        self.thread.join()
+        now = self.model.state_dict()
+        delta = {k: now[k] - v for k, v in self.sent.items() if v.is_floating_point()}
+        return delta, self.result
+
+
 class Trainer:
     def __init__(self, threads: int | None = None) -> None:
         import torch
@@ -36,17 +88,19 @@ class Trainer:
             torch.set_num_threads(threads)
         self.model = Net()
         self.throughput_sps: float | None = None
+        self._ahead: TrainAhead | None = None
+        self._next_ahead: tuple | None = None  # what to train ahead on once the reply is out
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """One forward/backward pass at start-up, so the first round does not pay for torch's lazy init."""
+        """Two SGD steps at start-up, so the first round does not pay for torch's lazy init:
+        the first optimizer alone imports ~1 s of torch internals (9 s at 0.125 CPU)."""
         import torch
-        import torch.nn.functional as F
 
-        from flotilla.app.task import Net
+        from flotilla.app.task import Net, train
 
-        m = Net()
-        F.cross_entropy(m(torch.zeros(8, 1, 28, 28)), torch.zeros(8, dtype=torch.long)).backward()
+        train(Net(), torch.zeros(16, 1, 28, 28), torch.zeros(16, dtype=torch.long), batch_size=8, lr=0.01,
+              momentum=0.9, steps=2, seed=0)
 
     @staticmethod
     @lru_cache(maxsize=4)
@@ -65,10 +119,22 @@ class Trainer:
         )
 
     def train(self, keys: list[str], arrays: list[np.ndarray], cfg: dict) -> tuple[list[np.ndarray], dict]:
+        """Train from the global model `arrays`; under train-ahead, with the progress made since the last reply."""
         from flotilla.app.task import get_weights, set_weights, steps_for, train
 
+        ahead = self._ahead.finish() if self._ahead else None
+        self._ahead = None
         x, y = self.partition(cfg)
         set_weights(self.model, keys, arrays)
+        carried = {"steps": 0, "samples": 0, "train_s": 0.0}
+        if ahead and _f(cfg, "train-ahead", 0) and ahead[1]["steps"] > 0:
+            delta, carried = ahead
+            state = self.model.state_dict()
+            if all(k in state and state[k].shape == d.shape for k, d in delta.items()):
+                for k, d in delta.items():
+                    state[k].add_(d)
+            else:  # another model (a new run): nothing to carry
+                carried = {"steps": 0, "samples": 0, "train_s": 0.0}
         batch = int(cfg["batch-size"])
         steps = int(_f(cfg, "local-steps", 0)) or steps_for(len(x), batch, float(cfg["local-epochs"]))
         deadline = _f(cfg, "deadline-s")
@@ -80,9 +146,29 @@ class Trainer:
         )
         self.throughput_sps = res["samples"] / res["train_s"] if res["train_s"] > 0 else None
         _, out = get_weights(self.model)
+        out = [a.copy() for a in out]  # the model trains on (ahead) while these are sent
+        res |= {"ahead_steps": carried["steps"], "ahead_samples": carried["samples"],
+                "ahead_s": round(carried["train_s"], 4)}
         res |= {"batch_size": min(batch, len(x)), "lr": float(cfg["lr"]), "partition_size": len(x)}
         res |= {k: v for k, v in self.limits().items() if v is not None}  # a throttle shows in the next reply
+        if _f(cfg, "train-ahead", 0):
+            max_steps = int(_f(cfg, "ahead-max-steps", 0)) or AHEAD_MAX_FACTOR * max(res["steps"], 1)
+            self._next_ahead = (x, y, cfg, max_steps, seed + 7919)
         return out, res
+
+    def exit_now(self) -> None:
+        """SIGTERM: stop training ahead, then leave at once. (Raising SystemExit could land in a
+        __del__ and be ignored, and torch aborts an interpreter shutdown with a thread mid-step.)"""
+        if self._ahead is not None:
+            self._ahead.stop.set()
+            self._ahead.thread.join(5)
+        os._exit(0)
+
+    def after_reply(self) -> None:
+        """The reply is out: train ahead if the round asked for it."""
+        if self._next_ahead is not None and self._ahead is None:
+            self._ahead = TrainAhead(self.model, *self._next_ahead)
+        self._next_ahead = None
 
     @staticmethod
     def limits() -> dict:
@@ -94,10 +180,14 @@ class Trainer:
         except Exception:  # no cgroup view (macOS, odd containers): report unknown limits
             return {"cpus": None, "memory": None}
 
-    def capability(self) -> dict:
+    def capability(self, cfg: dict | None = None) -> dict:
+        """Limits and throughput; given the run's config, also loads the device's partition now
+        (the query before round 1), so round 1 does not pay for it: at 0.125 CPU that is ~10 s."""
         cap: dict = {"pid": os.getpid(), "threads": _threads()}
         cap |= self.limits()
         cap["throughput_sps"] = self.throughput_sps
+        if cfg and "dataset" in cfg and "partition-id" in cfg:
+            cap["partition_size"] = len(self.partition(cfg)[0])
         return cap
 
 
@@ -114,7 +204,7 @@ def serve(socket_path: str, threads: int | None) -> None:
     old_umask = os.umask(0o177)  # socket readable by this user only
     listener = Listener(socket_path, family="AF_UNIX")
     os.umask(old_umask)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, lambda *_: trainer.exit_now())
     print(f"trainer ready on {socket_path} (threads={_threads()})", flush=True)
     try:
         while True:
@@ -124,7 +214,7 @@ def serve(socket_path: str, threads: int | None) -> None:
                     if op == "train":
                         reply = ("ok", trainer.train(payload["keys"], payload["arrays"], payload["config"]))
                     elif op == "capability":
-                        reply = ("ok", trainer.capability())
+                        reply = ("ok", trainer.capability((payload or {}).get("config")))
                     elif op == "ping":
                         reply = ("ok", "pong")
                     else:
@@ -136,6 +226,7 @@ def serve(socket_path: str, threads: int | None) -> None:
                     conn.send(reply)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the ClientApp went away (run stopped); keep serving
+                trainer.after_reply()
     finally:
         listener.close()
 
