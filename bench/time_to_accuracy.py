@@ -16,7 +16,11 @@ available over the run's rounds), and the compute bound (samples the faster
 run needed to reach the target / the fleet's summed measured throughput: the
 time a fleet that never idles and has no per-round overhead would need).
 
-    python bench/time_to_accuracy.py [--rounds 6] [--local-epochs 2] [--json]
+    python bench/time_to_accuracy.py [--rounds 6] [--local-epochs 2] [--repeat 3] [--json]
+
+With --json the last line holds the medians over the repetitions
+(speedup, utilization_auto, utilization_none, accuracy_gap_pts) and every
+pair's figures under "repeats".
 
 The machine's load average is printed with each run: CPU quotas are ceilings,
 so on a busy machine the fleet is less unlike than its quotas say.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -55,17 +60,25 @@ def job_doc(policy: str, args, runs_dir: Path) -> dict:
 
 
 def run_policy(policy: str, args, work: Path) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
     job = work / f"{policy}.yaml"
     job.write_text(yaml.safe_dump(job_doc(policy, args, work / "runs")))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     load_before = os.getloadavg()[0]
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "flotilla.cli", "run", str(job), "--json"], capture_output=True,
-                         text=True, env=env, timeout=args.timeout)
-    if res.returncode != 0:
-        raise SystemExit(f"bench: the {policy} run failed (exit {res.returncode}):\n{res.stderr[-2000:]}")
-    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    # Popen, not run(): on Ctrl-C run() would SIGKILL the driver, leaving its devices behind
+    proc = subprocess.Popen([sys.executable, "-m", "flotilla.cli", "run", str(job), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=args.timeout)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        proc.send_signal(signal.SIGINT)  # the driver stops the run and removes what it started
+        proc.communicate(timeout=120)
+        raise
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: the {policy} run failed (exit {proc.returncode}):\n{err[-2000:]}")
+    summary = json.loads(out.strip().splitlines()[-1])
     run_dir = work / "runs" / summary["run_id"]
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"policy": policy, "summary": summary, "rounds": rounds, "run_dir": str(run_dir),
@@ -158,32 +171,8 @@ def round_profile(rounds: list[dict]) -> dict:
             "first_round_s": round(walls[0], 2)}
 
 
-# -- main -------------------------------------------------------------------------
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=6, help="rounds of the none run")
-    ap.add_argument("--auto-rounds", type=int, default=None,
-                    help="rounds of the auto run (default: twice --rounds; its rounds are shorter, and it still "
-                         "finishes first)")
-    ap.add_argument("--local-epochs", type=float, default=2.0)
-    ap.add_argument("--target", type=float, default=0.95, help="test accuracy to reach")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
-    ap.add_argument("--work-dir", type=Path, default=None, help="keep jobs and run records here (default: temp)")
-    ap.add_argument("--json", action="store_true", help="end with the figures as one JSON line")
-    args = ap.parse_args()
-    args.auto_rounds = args.auto_rounds or 2 * args.rounds
-
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="flotilla-tta-"))
-    work.mkdir(parents=True, exist_ok=True)
-    t_bench = time.time()
-    runs = {}
-    for policy in ("none", "auto"):
-        print(f"running policy {policy} (load average {os.getloadavg()[0]:.1f}) ...", file=sys.stderr, flush=True)
-        runs[policy] = run_policy(policy, args, work)
-
+def report_pair(runs: dict, args) -> dict:
+    """Print one none/auto pair's figures; return them."""
     n = len(QUOTAS)
     tt = {p: time_to(r["rounds"], args.target) for p, r in runs.items()}
     final = {p: r["rounds"][-1]["accuracy"] for p, r in runs.items()}
@@ -220,27 +209,69 @@ def main() -> int:
           + ", ".join(f"{k} {v:.1f}s" for k, v in ovh.items()))
     print(f"device time idle, waiting for other devices: none {idle['none']:.0%}, auto {idle['auto']:.0%} "
           "(the rest of what is not training is the per-round overhead above)")
+    return {
+        "speedup": round(speedup, 3) if speedup else None,
+        "utilization_auto": round(util["auto"], 3), "utilization_none": round(util["none"], 3),
+        "accuracy_gap_pts": round(100 * (final["none"] - final["auto"]), 2),
+        "accuracy_gap_same_rounds_pts": round(100 * (same_rounds["none"] - same_rounds["auto"]), 2),
+        "run_end_s": {p: round(t, 1) for p, t in end_s.items()},
+        "target": args.target,
+        "time_to_target_s": {p: round(t, 2) if t else None for p, t in tt.items()},
+        "accuracy_at_same_wall": {"seconds": round(same_wall, 2), **{p: a for p, a in acc_same.items()}},
+        "final_accuracy": final,
+        "compute_bound_s": round(bound, 2) if bound else None,
+        "median_round_s": {p: round_profile(r["rounds"])["median_round_s"] for p, r in runs.items()},
+        "message_overhead_s": ovh,
+        "idle_share": {p: round(v, 3) for p, v in idle.items()},
+        "load_avg": {p: [r["load_before"], r["load_after"]] for p, r in runs.items()},
+        "rounds": {"none": args.rounds, "auto": args.auto_rounds}, "local_epochs": args.local_epochs,
+        "run_dirs": {p: r["run_dir"] for p, r in runs.items()},
+    }
+
+
+# -- main -------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=6, help="rounds of the none run")
+    ap.add_argument("--auto-rounds", type=int, default=None,
+                    help="rounds of the auto run (default: twice --rounds; its rounds are shorter, and it still "
+                         "finishes first)")
+    ap.add_argument("--local-epochs", type=float, default=2.0)
+    ap.add_argument("--target", type=float, default=0.95, help="test accuracy to reach")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per run")
+    ap.add_argument("--work-dir", type=Path, default=None, help="keep jobs and run records here (default: temp)")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="none/auto pairs to run; figures are reported per pair and as medians (default 3: a "
+                         "single pair's time to target moves by a round on a 2-core machine)")
+    ap.add_argument("--json", action="store_true", help="end with the figures as one JSON line")
+    args = ap.parse_args()
+    args.auto_rounds = args.auto_rounds or 2 * args.rounds
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="flotilla-tta-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t_bench = time.time()
+    pairs = []
+    for rep in range(args.repeat):
+        runs = {}
+        for policy in ("none", "auto"):
+            print(f"[{rep + 1}/{args.repeat}] running policy {policy} (load average {os.getloadavg()[0]:.1f}) ...",
+                  file=sys.stderr, flush=True)
+            runs[policy] = run_policy(policy, args, work / f"rep{rep + 1}")
+        pairs.append(report_pair(runs, args))
+    if args.repeat > 1:
+        print(f"\nover {args.repeat} repetitions (median, min..max):")
+        for key in ("speedup", "utilization_auto", "utilization_none", "accuracy_gap_pts"):
+            vals = [p[key] for p in pairs if p[key] is not None]
+            if vals:
+                print(f"  {key:<18}{statistics.median(vals):>8.3f}   {min(vals):.3f}..{max(vals):.3f}")
     print(f"records: {work}  (bench took {time.time() - t_bench:.0f}s)")
     if args.json:
-        print(json.dumps({
-            "speedup": round(speedup, 3) if speedup else None,
-            "utilization_auto": round(util["auto"], 3), "utilization_none": round(util["none"], 3),
-            "accuracy_gap_pts": round(100 * (final["none"] - final["auto"]), 2),
-            "accuracy_gap_same_rounds_pts": round(100 * (same_rounds["none"] - same_rounds["auto"]), 2),
-            "run_end_s": {p: round(t, 1) for p, t in end_s.items()},
-            "target": args.target,
-            "time_to_target_s": {p: round(t, 2) if t else None for p, t in tt.items()},
-            "accuracy_at_same_wall": {"seconds": round(same_wall, 2), **{p: a for p, a in acc_same.items()}},
-            "final_accuracy": final,
-            "compute_bound_s": round(bound, 2) if bound else None,
-            "median_round_s": {p: round_profile(r["rounds"])["median_round_s"] for p, r in runs.items()},
-            "message_overhead_s": ovh,
-            "idle_share": {p: round(v, 3) for p, v in idle.items()},
-            "load_avg": {p: [r["load_before"], r["load_after"]] for p, r in runs.items()},
-            "rounds": {"none": args.rounds, "auto": args.auto_rounds}, "local_epochs": args.local_epochs,
-            "run_dirs": {p: r["run_dir"] for p, r in runs.items()},
-            "bench_s": round(time.time() - t_bench, 1),
-        }))
+        med = {k: (round(statistics.median(v), 3) if (v := [p[k] for p in pairs if p[k] is not None]) else None)
+               for k in ("speedup", "utilization_auto", "utilization_none", "accuracy_gap_pts")}
+        print(json.dumps(med | {"repeats": pairs, "bench_s": round(time.time() - t_bench, 1)}))
     return 0
 
 

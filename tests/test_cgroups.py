@@ -92,6 +92,9 @@ def test_limits_are_in_the_kernel_files(device):
     if device.version == 1:
         assert (device.dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "25000"
         assert (device.dirs["cpu"] / "cpu.cfs_period_us").read_text().strip() == "100000"
+        # low weight on every level Flotilla made: a full host serves the SuperLink/ServerApp first
+        for d in (device.dirs["cpu"], device.dirs["cpu"].parent):
+            assert (d / "cpu.shares").read_text().strip() == "128"
         mem = device.dirs["memory"]
         assert (mem / "memory.limit_in_bytes").read_text().strip() == str(200 * MiB)
         if (mem / "memory.memsw.limit_in_bytes").exists():

@@ -102,6 +102,10 @@ def test_steps_trained_ahead_refine_the_direction_but_cap_the_step_length():
     assert used == [True, True] and new[0] == pytest.approx([2.0, 2.0])
     new, _ = aggregate_updates(g, [a, b], ahead_step_gain=100.0)  # a cap above tau_eff changes nothing
     assert new[0] == pytest.approx([3.25, 3.25])
+    # the length is measured against the job's local_epochs of steps when the updates carry it
+    a30, b30 = (Update(u.arrays, u.num_examples, u.steps, ahead_steps=u.ahead_steps, epoch_steps=30) for u in (a, b))
+    new, _ = aggregate_updates(g, [a30, b30], ahead_step_gain=2.0)
+    assert new[0] == pytest.approx([3.0, 3.0])  # 2 x 30 = 60 steps of (0.05, 0.05)
     without, _ = aggregate_updates(g, [Update([np.array([1.0, 0.0])], 100, 10), Update([np.array([0.0, 1.0])], 100, 10)])
     assert without[0] == pytest.approx([0.5, 0.5])  # no train-ahead: plain FedNova
 

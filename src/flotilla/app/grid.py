@@ -7,9 +7,9 @@ the driver reported lost, and can stop waiting at a round deadline.
 
 A message given up on at the deadline is not forgotten: its device is still
 working on it. It stays `outstanding` (the device counts as busy, so the
-strategy does not queue more work behind it) and later exchanges keep
-pulling it; when the late reply arrives it goes to `late_replies` for the
-strategy (which may still use it, as a stale update). Messages to nodes in
+strategy does not queue more work behind it) and is pulled between rounds
+(`harvest`); a late reply goes to `late_replies` for the strategy (which
+may still use it, as a stale update). Messages to nodes in
 `optional` are not waited for at all: they go straight to `outstanding`.
 """
 
@@ -99,7 +99,10 @@ class FleetGrid:
         replies: list[Message] = []
         last_check = 0.0
         while pending:
-            got = list(self._grid.pull_messages(list(pending | self.outstanding.keys())))
+            # Only this round's messages: pulling a late reply whose SuperNode is still pushing its
+            # arrays blocks until they are all in (seconds from a 0.125 CPU device), and would make
+            # the devices this round waits for miss their deadline. Late replies are harvested between rounds.
+            got = list(self._grid.pull_messages(list(pending)))
             now = time.time()
             for m in got:
                 mid = m.metadata.reply_to_message_id
@@ -107,7 +110,6 @@ class FleetGrid:
                     pending.discard(mid)
                     replies.append(m)
                     self.arrived[dst[mid]] = now
-            self._pull_late(got, now)
             if not pending:
                 break
             if end is not None and now >= end:

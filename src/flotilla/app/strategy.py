@@ -62,7 +62,7 @@ MAX_STALENESS = 5  # rounds; an older late update is dropped
 FIRST_ROUND_SYNC_QUOTA = 0.5  # round 1 waits for devices with at least this share of the top CPU quota
 MIN_TIMED_S = 0.05  # training shorter than this says little about throughput (timer, first-step costs)
 MIN_STEP_SHARE = 1 / 4  # updates with under this share of the round's most fresh steps are left out
-AHEAD_STEP_GAIN = 2.0  # train-ahead may lengthen the global step at most this much (see aggregate_updates)
+AHEAD_STEP_GAIN = 4.0  # train-ahead may lengthen the global step to this many x local_epochs (aggregate_updates)
 JUMP = 1.5  # a measurement this far off the estimate replaces it (a throttle, not noise)
 
 
@@ -160,6 +160,7 @@ class Update:
     base: list | None = None
     staleness: int = 0
     ahead_steps: int = 0  # of `steps`, those trained ahead (before this round's model arrived)
+    epoch_steps: int = 0  # steps of the job's local_epochs over this device's data (its planned work)
 
 
 def aggregate_updates(global_arrays: list, updates: Sequence[Update],
@@ -168,9 +169,9 @@ def aggregate_updates(global_arrays: list, updates: Sequence[Update],
     """FedNova over fresh and stale updates; returns the new model and which updates were used.
 
     Steps trained ahead refine each update's direction; the global step's
-    length (FedNova's tau_eff) is held to `ahead_step_gain` x what the rounds'
-    own steps would give, so a few seconds of carried work cannot make the
-    server overshoot (seen as accuracy noise between rounds).
+    length (FedNova's tau_eff) is held to `ahead_step_gain` x the job's
+    local_epochs of steps (`epoch_steps`), so seconds of carried work cannot
+    make the server overshoot (seen as accuracy noise between rounds).
 
     A stale update's change (base - x) is moved onto the current model and its
     data weight divided by sqrt(1 + staleness) (FedBuff/FedAsync-style). Updates
@@ -193,11 +194,11 @@ def aggregate_updates(global_arrays: list, updates: Sequence[Update],
         else:
             clients.append([g - (b - x) for g, b, x in zip(global_arrays, u.base, u.arrays)])
             weights.append(u.num_examples / math.sqrt(1 + u.staleness))
-    own = [u.steps - u.ahead_steps for u in kept]
     cap = None
     if any(u.ahead_steps for u in kept):
         w = np.asarray(weights) / sum(weights)
-        cap = ahead_step_gain * float((w * np.asarray(own)).sum())
+        planned = [u.epoch_steps or (u.steps - u.ahead_steps) for u in kept]
+        cap = ahead_step_gain * float((w * np.asarray(planned)).sum())
     new = hetero.fednova_aggregate(global_arrays, clients, weights, [u.steps for u in kept], cap)
     if all(u.base is not None for u in kept):
         damp = statistics.mean(1 / math.sqrt(1 + u.staleness) for u in kept)
@@ -517,7 +518,8 @@ class FleetAuto(FleetFedAvg):
         lost = getattr(grid, "lost_devices", set)()
         node_ids = [n for n in node_ids if self._name(n) not in lost]
         busy = self._wait_for_a_free_device(grid, node_ids)
-        busy = self._wait_for_quick_busy_devices(grid, node_ids, busy)
+        if not self.train_ahead:  # (training ahead, free devices never idle: waiting would only delay the sync)
+            busy = self._wait_for_quick_busy_devices(grid, node_ids, busy)
         self._busy = [n for n in node_ids if n in busy]
         send = [n for n in node_ids if n not in busy]
         plan = self._plan = self.planner.plan([self._name(n) for n in send])
@@ -614,14 +616,9 @@ class FleetAuto(FleetFedAvg):
         if (not valid and not stale) or current is None:
             return None, None
         g = current.to_numpy_ndarrays()
-        key, metric = self.arrayrecord_key, self.weighted_by_key
-        fresh = [Update(m.content[key].to_numpy_ndarrays(), int(m.content["metrics"][metric]),
-                        update_steps(m.content["metrics"]),
-                        ahead_steps=int(m.content["metrics"].get("ahead-steps", 0))) for m in valid]
-        old = [Update(m.content[key].to_numpy_ndarrays(), int(m.content["metrics"][metric]),
-                      update_steps(m.content["metrics"]), base.to_numpy_ndarrays(), staleness,
-                      int(m.content["metrics"].get("ahead-steps", 0)))
-               for _, m, base, staleness in stale]
+        metric = self.weighted_by_key
+        fresh = [self._update(m) for m in valid]
+        old = [self._update(m, base.to_numpy_ndarrays(), staleness) for _, m, base, staleness in stale]
         new, used = aggregate_updates(g, fresh + old)
         for (rec, *_), ok in zip(stale, used[len(fresh):]):
             rec["aggregated"] = ok
@@ -633,6 +630,13 @@ class FleetAuto(FleetFedAvg):
         arrays = ArrayRecord(array_dict={k: Array(a) for k, a in zip(current.keys(), new)}, keep_input=False)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], metric) if valid else None
         return arrays, metrics
+
+    def _update(self, msg: Message, base: list | None = None, staleness: int = 0) -> Update:
+        m = msg.content["metrics"]
+        n, batch = int(m[self.weighted_by_key]), max(1, int(m.get("batch-size", 1)))
+        return Update(msg.content[self.arrayrecord_key].to_numpy_ndarrays(), n, update_steps(m), base, staleness,
+                      ahead_steps=int(m.get("ahead-steps", 0)),
+                      epoch_steps=math.ceil(self.planner.local_epochs * n / batch))
 
     def _take_late(self, server_round: int) -> tuple[list[dict], list[tuple[dict, Message, ArrayRecord, int]]]:
         """Late replies: records (status stale) for this round, their timings to the planner,

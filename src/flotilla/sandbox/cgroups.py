@@ -369,6 +369,7 @@ class DeviceCgroup:
                     d.mkdir(parents=True, exist_ok=True)
                 # A device that runs out of memory should be OOM-killed, not swap.
                 _write_if_present(cg.dirs["memory"] / "memory.swappiness", "0")
+            cg._yield_cpu_to_the_server(layout)
             cg.set_limits(
                 cpus=UNLIMITED if cpus is None else cpus,
                 memory=UNLIMITED if memory is None else memory,
@@ -380,6 +381,16 @@ class DeviceCgroup:
                 pass
             raise
         return cg
+
+    def _yield_cpu_to_the_server(self, layout: Layout) -> None:
+        """Low CPU weight for the groups Flotilla creates (every level), so emulated devices do not
+        starve the SuperLink and ServerApp sharing their host: a device is its own machine in the
+        fleet being emulated. Its quota still caps it; the weight only matters when the host is full."""
+        role, knob, value = (_V2, "cpu.weight", "10") if self.version == 2 else ("cpu", "cpu.shares", "128")
+        d = layout.bases[role]
+        for part in _check_name(self.name):
+            d = d / part
+            _write_if_present(d / knob, value)
 
     # state ------------------------------------------------------------------
     def to_state(self) -> dict:
