@@ -57,6 +57,8 @@ def test_defaults(tmp_path):
         ({"target": "mars"}, "target"),
         ({"devices": []}, "devices"),
         ({"heterogeneity": {"throttle": [{"device": "nope-1", "at_s": 5, "cpus": 0.1}]}}, "throttle"),
+        ({"heterogeneity": {"policy": "manual", "train_ahead": True}}, "heterogeneity.train_ahead"),
+        ({"heterogeneity": {"policy": "auto", "train_ahead": "sometimes"}}, "heterogeneity.train_ahead"),
     ],
 )
 def test_bad_fields_are_named(tmp_path, change, field):

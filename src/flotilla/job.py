@@ -152,11 +152,15 @@ class Heterogeneity(_Strict):
     policy: Literal["none", "manual", "auto"] = "manual"
     deadline_factor: float = Field(1.5, gt=1, description="auto: round deadline = factor x median device time.")
     proximal_mu: float = Field(0.0, ge=0, description="auto: FedProx proximal term weight (0 = off).")
-    train_ahead: bool = Field(
-        True,
-        description="auto: devices keep training while their reply travels and the server aggregates; "
-        "the progress is carried onto the next global model (no idle time between rounds).",
+    train_ahead: bool | None = Field(
+        None,
+        description="auto (on unless false): devices keep training while their reply travels and the server "
+        "aggregates; the progress is carried onto the next global model (no idle time between rounds).",
     )
+
+    @property
+    def trains_ahead(self) -> bool:
+        return self.policy == "auto" and self.train_ahead is not False
     throttle: list[ThrottleStep] = []
 
 
@@ -193,6 +197,11 @@ class Job(_Strict):
                         f"devices[{i}].train overrides are ignored under heterogeneity.policy 'none'; "
                         "remove them or use policy 'manual'"
                     )
+        if self.heterogeneity.train_ahead and self.heterogeneity.policy != "auto":
+            raise ValueError(
+                f"heterogeneity.train_ahead works under policy 'auto' only (policy is "
+                f"{self.heterogeneity.policy!r}); remove it or use policy 'auto'"
+            )
         known = {f"{d.name}-{i}" for d in self.devices for i in range(1, d.count + 1)}
         for i, step in enumerate(self.heterogeneity.throttle):
             if step.device not in known:

@@ -81,7 +81,7 @@ class Plan:
             "policy": job.heterogeneity.policy,
             "deadline-factor": job.heterogeneity.deadline_factor,
             "proximal-mu": job.heterogeneity.proximal_mu,
-            "train-ahead": int(job.heterogeneity.train_ahead and job.heterogeneity.policy == "auto"),
+            "train-ahead": int(job.heterogeneity.trains_ahead),
             "seed": job.seed,
         }
 

@@ -28,6 +28,7 @@ def _f(cfg: dict, key: str, default=None):
 
 
 AHEAD_MAX_S = 120.0  # a device whose next message never comes (the run ended) stops by itself
+NOTHING_AHEAD = {"steps": 0, "samples": 0, "train_s": 0.0}
 AHEAD_MAX_FACTOR = 16  # steps trained ahead: at most this many times the last round's own steps
 
 
@@ -49,15 +50,14 @@ class TrainAhead:
         self.model = model
         self.sent = {k: t.detach().clone() for k, t in model.state_dict().items()}
         self.stop = threading.Event()
-        self.result = {"steps": 0, "samples": 0, "train_s": 0.0}
-        self._args = (x, y, cfg, max_steps, seed)
-        self.thread = threading.Thread(target=self._run, name="train-ahead", daemon=True)
+        self.result = NOTHING_AHEAD
+        self.thread = threading.Thread(target=self._run, args=(x, y, cfg, max_steps, seed), name="train-ahead",
+                                       daemon=True)
         self.thread.start()
 
-    def _run(self) -> None:
+    def _run(self, x, y, cfg: dict, max_steps: int, seed: int) -> None:
         from flotilla.app.task import train
 
-        x, y, cfg, max_steps, seed = self._args
         try:  # Linux: nice applies per thread; lowering it needs no privilege
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except (AttributeError, OSError):
@@ -69,10 +69,13 @@ class TrainAhead:
             stop=self.stop,
         )
 
+    def halt(self, timeout: float | None = None) -> None:
+        self.stop.set()
+        self.thread.join(timeout)
+
     def finish(self) -> tuple[dict, dict]:
         """Stop; return (the local progress since the reply, per float tensor; steps/samples/seconds done)."""
-        self.stop.set()
-        self.thread.join()
+        self.halt()
         now = self.model.state_dict()
         delta = {k: now[k] - v for k, v in self.sent.items() if v.is_floating_point()}
         return delta, self.result
@@ -126,15 +129,14 @@ class Trainer:
         self._ahead = None
         x, y = self.partition(cfg)
         set_weights(self.model, keys, arrays)
-        carried = {"steps": 0, "samples": 0, "train_s": 0.0}
+        carried = NOTHING_AHEAD
         if ahead and _f(cfg, "train-ahead", 0) and ahead[1]["steps"] > 0:
-            delta, carried = ahead
+            delta, done = ahead
             state = self.model.state_dict()
-            if all(k in state and state[k].shape == d.shape for k, d in delta.items()):
+            if all(k in state and state[k].shape == d.shape for k, d in delta.items()):  # else a new model: drop it
                 for k, d in delta.items():
                     state[k].add_(d)
-            else:  # another model (a new run): nothing to carry
-                carried = {"steps": 0, "samples": 0, "train_s": 0.0}
+                carried = done
         batch = int(cfg["batch-size"])
         steps = int(_f(cfg, "local-steps", 0)) or steps_for(len(x), batch, float(cfg["local-epochs"]))
         deadline = _f(cfg, "deadline-s")
@@ -160,8 +162,7 @@ class Trainer:
         """SIGTERM: stop training ahead, then leave at once. (Raising SystemExit could land in a
         __del__ and be ignored, and torch aborts an interpreter shutdown with a thread mid-step.)"""
         if self._ahead is not None:
-            self._ahead.stop.set()
-            self._ahead.thread.join(5)
+            self._ahead.halt(timeout=5)
         os._exit(0)
 
     def after_reply(self) -> None:
