@@ -23,12 +23,46 @@ def test_supernode_poll_and_pull_backoff_are_shortened():
         "assert t.shorten_supernode_poll(0.2) and t.shorten_pull_backoff()\n"
         "import flwr.supernode.start_client_internal as sci, time\n"
         "t0 = time.monotonic(); sci.time.sleep(3); slept = time.monotonic() - t0\n"
+        "t0 = time.monotonic(); sci.time.sleep(0.5); checked = time.monotonic() - t0\n"
         "from flwr.supercore.inflatable import inflatable_utils as iu\n"
         "d = iu.pull_objects.__kwdefaults__\n"
-        "print(round(slept, 1), d['initial_backoff'], d['backoff_cap'], "
+        "print(round(slept, 1), checked < 0.1, d['initial_backoff'], d['backoff_cap'], "
         "iu.pull_and_inflate_object_from_tree.__kwdefaults__['initial_backoff'])"
     )
-    assert out == "0.2 0.05 1.0 0.05"
+    # the network poll (3 s) waits 0.2 s; the in-process reply check (0.5 s) 20 ms
+    assert out == "0.2 True 0.05 1.0 0.05"
+
+
+def test_supernode_wakes_its_superexec_when_it_creates_a_task():
+    out = run_py(
+        "import threading, time\n"
+        "from flotilla import engine_tuning as t\n"
+        "assert t.wake_superexec_on_tasks()\n"
+        "r, _ = t.superexec_wake_pipe()\n"
+        "clock = t.WakeableTime(r, fallback_s=1.0)\n"
+        "t0 = time.monotonic(); clock.sleep(0.1); idle = time.monotonic() - t0\n"
+        "from flwr.supercore.object_store import ObjectStoreFactory\n"
+        "from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState\n"
+        "state = InMemoryNodeState(ObjectStoreFactory().store())\n"
+        "threading.Timer(0.2, state.create_task, kwargs={'task_type': 'flwr-clientapp', 'run_id': 1}).start()\n"
+        "t0 = time.monotonic(); clock.sleep(0.1); woken = time.monotonic() - t0\n"
+        "print(round(idle, 1), 0.15 < woken < 0.8)"
+    )
+    # no task: the SuperExec's 0.1 s poll became the 1 s fallback; a new task wakes it at once
+    assert out == "1.0 True"
+
+
+def test_superexec_loop_sleeps_on_the_wake_pipe_it_was_given():
+    out = run_py(
+        "import os\n"
+        "r, w = os.pipe(); os.environ['FLOTILLA_TASK_WAKE_FD'] = str(r)\n"
+        "from flotilla import engine_tuning as t\n"
+        "assert t.superexec_waits_for_wakeups()\n"
+        "from flwr.supercore.superexec import run_superexec as rs\n"
+        "os.close(w); rs.time.sleep(0.01)\n"  # the SuperNode's end closed: back to plain sleeps
+        "print(type(rs.time).__name__, rs.time.fd)"
+    )
+    assert out == "WakeableTime -1"
 
 
 def test_supernode_starts_the_fork_server_superexec():

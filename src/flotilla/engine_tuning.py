@@ -10,7 +10,17 @@ work:
   the ClientApp's task before it has pulled the message's arrays; the
   ServerApp pulls replies while the SuperNode still pushes them) backs off
   1 s, doubling up to 10 s (inflatable_utils.pull_objects);
-- each ClientApp is a new Python process importing flwr (fast_superexec).
+- each ClientApp is a new Python process importing flwr (fast_superexec);
+- the SuperExec asks its SuperNode for a new task every
+  FLWR_SUPEREXEC_TASK_POLL_INTERVAL (1 s; 0.1 s made it 5% of a CPU per idle
+  device, 40% of a 0.125 CPU quota, with as much again in the SuperLink).
+  Here the SuperNode wakes it through a pipe when it creates a task
+  (`wake_superexec_on_tasks` / `WakeableTime`) and the poll is a 1 s fallback.
+
+The SuperNode's 0.5 s waits are in-process checks of its own state (has the
+ClientApp's reply arrived?): those are capped at 20 ms, which costs nothing.
+Its 3 s wait is a request to the SuperLink per poll: capped at
+FLOTILLA_POLL_S (0.2 s).
 
 Each patch here changes a timing constant of unmodified flwr code and
 returns whether it found what it patches; callers say so when a future flwr
@@ -20,6 +30,7 @@ moved it, and the engine then runs as shipped.
 from __future__ import annotations
 
 import os
+import select
 import time as _time
 
 # First retry of a missing object after 50 ms, backing off to 1 s; flwr's
@@ -29,14 +40,54 @@ PULL_BACKOFF_CAP_S = 1.0
 PULL_MAX_TRIES = 7200
 
 
-class CappedSleepTime:
-    """Stands in for a module's `time`: sleep() is capped, everything else is time's."""
+LOCAL_CHECK_S = 0.02  # the SuperNode's in-process checks (flwr: 0.5 s)
+LOCAL_CHECK_BELOW_S = 1.0  # flwr's in-process waits are 0.5 s; its network poll waits 3 s
+WAKE_FALLBACK_S = 1.0  # a SuperExec woken on each new task still polls this often
+WAKE_FD_ENV = "FLOTILLA_TASK_WAKE_FD"
 
-    def __init__(self, cap_s: float) -> None:
-        self.cap_s = cap_s
+
+class CappedSleepTime:
+    """Stands in for a module's `time`: sleep() is capped, everything else is time's.
+
+    Waits under `local_below_s` (flwr's in-process state checks) are capped at
+    `local_cap_s`, longer ones (network polls) at `cap_s`.
+    """
+
+    def __init__(self, cap_s: float, local_cap_s: float = LOCAL_CHECK_S,
+                 local_below_s: float = LOCAL_CHECK_BELOW_S) -> None:
+        self.cap_s, self.local_cap_s, self.local_below_s = cap_s, local_cap_s, local_below_s
 
     def sleep(self, seconds: float) -> None:
-        _time.sleep(min(seconds, self.cap_s))
+        _time.sleep(min(seconds, self.local_cap_s if seconds < self.local_below_s else self.cap_s))
+
+    def __getattr__(self, name):
+        return getattr(_time, name)
+
+
+class WakeableTime:
+    """Stands in for the SuperExec loop's `time`: sleep() ends early when the SuperNode writes to `fd`.
+
+    With the pipe open, a sleep lasts at least `fallback_s` unless woken (the
+    poll becomes a fallback); once the SuperNode's end is closed it is a plain sleep.
+    """
+
+    def __init__(self, fd: int, fallback_s: float = WAKE_FALLBACK_S) -> None:
+        self.fd, self.fallback_s = fd, fallback_s
+        os.set_blocking(fd, False)
+
+    def sleep(self, seconds: float) -> None:
+        if self.fd < 0:
+            _time.sleep(seconds)
+            return
+        ready, _, _ = select.select([self.fd], [], [], max(seconds, self.fallback_s))
+        if ready:
+            try:
+                data = os.read(self.fd, 4096)  # drain: one wake-up covers every task created so far
+            except BlockingIOError:
+                return
+            if not data:  # the SuperNode is gone: nothing will wake us again
+                os.close(self.fd)
+                self.fd = -1
 
     def __getattr__(self, name):
         return getattr(_time, name)
@@ -73,4 +124,63 @@ def shorten_pull_backoff(initial_s: float = PULL_INITIAL_BACKOFF_S, cap_s: float
         return False
     for f in funcs:
         f.__kwdefaults__.update(initial_backoff=initial_s, backoff_cap=cap_s, max_tries_per_object=PULL_MAX_TRIES)
+    return True
+
+
+_wake_fds: list[int] = []  # write ends of the pipes to this SuperNode's SuperExecs
+
+
+def superexec_wake_pipe() -> tuple[int, int]:
+    """A pipe for one SuperExec: (read end to pass to it, write end kept here, non-blocking)."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    _wake_fds.append(w)
+    return r, w
+
+
+def _wake_superexecs() -> None:
+    for fd in list(_wake_fds):
+        try:
+            os.write(fd, b"t")
+        except BlockingIOError:  # the pipe is full of unread wake-ups: it will wake anyway
+            pass
+        except OSError:  # the SuperExec is gone
+            _wake_fds.remove(fd)
+
+
+def wake_superexec_on_tasks() -> bool:
+    """Make the SuperNode's state wake its SuperExec whenever it creates a task."""
+    try:
+        from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+    except ImportError:
+        return False
+    shipped = getattr(InMemoryNodeState, "create_task", None)
+    if shipped is None:
+        return False
+    if getattr(shipped, "_flotilla_wakes", False):
+        return True
+
+    def create_task(self, *args, **kwargs):
+        task_id = shipped(self, *args, **kwargs)
+        if task_id is not None:
+            _wake_superexecs()
+        return task_id
+
+    create_task._flotilla_wakes = True
+    InMemoryNodeState.create_task = create_task
+    return True
+
+
+def superexec_waits_for_wakeups() -> bool:
+    """In a SuperExec started with a wake pipe: sleep in its loop until woken (or the fallback poll)."""
+    fd = os.environ.get(WAKE_FD_ENV)
+    if not fd:
+        return False
+    try:
+        from flwr.supercore.superexec import run_superexec as rs
+    except ImportError:
+        return False
+    if getattr(rs, "time", None) is not _time:
+        return isinstance(getattr(rs, "time", None), WakeableTime)
+    rs.time = WakeableTime(int(fd))
     return True

@@ -143,6 +143,11 @@ def _forget_main_module() -> None:
 
 def main() -> None:
     _forget_main_module()
+    from flotilla.engine_tuning import WAKE_FD_ENV, superexec_waits_for_wakeups
+
+    if os.environ.get(WAKE_FD_ENV) and not superexec_waits_for_wakeups():
+        print("flotilla: could not make the SuperExec wait for its SuperNode's wake-ups; it polls",
+              file=sys.stderr, flush=True)
     if os.environ.get("FLOTILLA_FORK_CLIENTAPPS", "1") != "0" and not patch_executor():
         print("flotilla: could not install the fork-server executor for this flwr version; "
               "ClientApps start as separate processes", file=sys.stderr, flush=True)

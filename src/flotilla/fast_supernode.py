@@ -24,9 +24,17 @@ class _SuperExecPopen:
         self._subprocess = subprocess_module
 
     def Popen(self, args, *a, **kw):  # noqa: N802 (subprocess's name)
-        if isinstance(args, list) and args and args[0] == "flower-superexec":
-            args = [sys.executable, "-m", "flotilla.fast_superexec", *args[1:]]
-        return self._subprocess.Popen(args, *a, **kw)
+        if not (isinstance(args, list) and args and args[0] == "flower-superexec"):
+            return self._subprocess.Popen(args, *a, **kw)
+        args = [sys.executable, "-m", "flotilla.fast_superexec", *args[1:]]
+        if not engine_tuning.wake_superexec_on_tasks():
+            return self._subprocess.Popen(args, *a, **kw)
+        r, _ = engine_tuning.superexec_wake_pipe()  # the SuperExec sleeps until a task is created
+        env = dict(kw.pop("env", None) or os.environ) | {engine_tuning.WAKE_FD_ENV: str(r)}
+        try:
+            return self._subprocess.Popen(args, *a, env=env, pass_fds=(*kw.pop("pass_fds", ()), r), **kw)
+        finally:
+            os.close(r)
 
     def __getattr__(self, name):
         return getattr(self._subprocess, name)
