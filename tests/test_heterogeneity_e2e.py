@@ -89,6 +89,12 @@ def test_aggregation_is_fednova_over_fresh_and_stale_updates():
     tiny = Update([np.full(3, 5.0)], 100, 4)
     new, used = aggregate_updates(g, fresh + [tiny])
     assert used == [True, True, False] and new[0] == pytest.approx(np.full(3, 1.5))
+    # ...but an update with its full local_epochs of steps is kept, however far others trained ahead
+    long_ahead = Update([np.full(3, 40.0)], 100, 400, ahead_steps=380, epoch_steps=20)
+    full_share = Update([np.full(3, 2.0)], 100, 20, epoch_steps=20)
+    short = Update([np.full(3, 0.4)], 100, 4, epoch_steps=20)
+    _, used = aggregate_updates(g, [long_ahead, full_share, short])
+    assert used == [True, True, False]
 
 
 def test_steps_trained_ahead_refine_the_direction_but_cap_the_step_length():

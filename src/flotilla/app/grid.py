@@ -7,15 +7,21 @@ the driver reported lost, and can stop waiting at a round deadline.
 
 A message given up on at the deadline is not forgotten: its device is still
 working on it. It stays `outstanding` (the device counts as busy, so the
-strategy does not queue more work behind it) and is pulled between rounds
-(`harvest`); a late reply goes to `late_replies` for the strategy (which
-may still use it, as a stale update). Messages to nodes in
+strategy does not queue more work behind it) and a background thread pulls
+it; a late reply goes to `late_replies`, which `harvest` hands to the
+strategy (which may still use it, as a stale update). Messages to nodes in
 `optional` are not waited for at all: they go straight to `outstanding`.
+
+Late replies are pulled in the background because a pull returns only once
+all of a reply's arrays are in: a SuperNode at 0.125 CPU pushes them for a
+second or two, and a round that pulled them itself waited that long.
+Flower's grid client (httpx) serves both threads.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -56,6 +62,9 @@ class FleetGrid:
         self.arrived: dict[int, float] = {}  # node id -> when its reply arrived (last exchange)
         self.outstanding: dict[str, Outstanding] = {}  # message id -> past-deadline message still being worked on
         self.late_replies: list[LateReply] = []  # late replies not yet taken by the strategy
+        self._lock = threading.Lock()  # outstanding and late_replies, shared with the puller thread
+        self._puller: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def __getattr__(self, name):  # everything else is Flower's
         return getattr(self._grid, name)
@@ -70,15 +79,49 @@ class FleetGrid:
 
     def busy_nodes(self) -> set[int]:
         """Nodes still working on an earlier message (past its deadline, or sent as optional)."""
-        return {o.node_id for o in self.outstanding.values()}
+        with self._lock:
+            return {o.node_id for o in self.outstanding.values()}
+
+    def outstanding_now(self) -> list[Outstanding]:
+        with self._lock:
+            return list(self.outstanding.values())
 
     def harvest(self) -> list[LateReply]:
-        """Pull late replies now (one request) and hand over all collected so far."""
-        if self.outstanding:
-            self._pull_late(list(self._grid.pull_messages(list(self.outstanding))), time.time())
+        """Hand over the late replies the puller has collected so far (never waits for one)."""
         self._forget_lost()
-        out, self.late_replies = self.late_replies, []
+        with self._lock:
+            out, self.late_replies = self.late_replies, []
         return out
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._puller is not None:
+            self._puller.join(timeout=5)
+
+    def _keep_outstanding(self, mid: str, o: Outstanding) -> None:
+        with self._lock:
+            self.outstanding[mid] = o
+        if self._puller is None:
+            self._puller = threading.Thread(target=self._pull_late_loop, name="flotilla-late-replies", daemon=True)
+            self._puller.start()
+
+    def _pull_late_loop(self) -> None:
+        while not self._closed.wait(self.poll_s):
+            with self._lock:
+                ids = list(self.outstanding)
+            if not ids:
+                continue
+            try:
+                got = list(self._grid.pull_messages(ids))
+            except Exception as e:  # noqa: BLE001 - a failed pull is retried on the next poll
+                print(f"[flotilla] pulling late replies failed, retrying: {e}", flush=True)
+                continue
+            now = time.time()
+            with self._lock:
+                for m in got:
+                    o = self.outstanding.pop(m.metadata.reply_to_message_id, None)
+                    if o is not None:
+                        self.late_replies.append(LateReply(m, o.pushed_at, now, o.tag))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -91,7 +134,7 @@ class FleetGrid:
         pending = set()
         for mid, node in dst.items():
             if node in self.optional:
-                self.outstanding[mid] = Outstanding(node, start, self.tag)
+                self._keep_outstanding(mid, Outstanding(node, start, self.tag))
             else:
                 pending.add(mid)
         limits = [t for t in (timeout, self.deadline_s) if t is not None]
@@ -99,9 +142,7 @@ class FleetGrid:
         replies: list[Message] = []
         last_check = 0.0
         while pending:
-            # Only this round's messages: pulling a late reply whose SuperNode is still pushing its
-            # arrays blocks until they are all in (seconds from a 0.125 CPU device), and would make
-            # the devices this round waits for miss their deadline. Late replies are harvested between rounds.
+            # Only this round's messages: pulling a late reply blocks until its arrays are in (the puller's job)
             got = list(self._grid.pull_messages(list(pending)))
             now = time.time()
             for m in got:
@@ -114,7 +155,7 @@ class FleetGrid:
                 break
             if end is not None and now >= end:
                 for mid in pending:
-                    self.outstanding[mid] = Outstanding(dst[mid], start, self.tag)
+                    self._keep_outstanding(mid, Outstanding(dst[mid], start, self.tag))
                 self._abandon(pending, dst, "deadline")
                 break
             if now - last_check > 1.0:
@@ -127,18 +168,13 @@ class FleetGrid:
             time.sleep(self.poll_s)
         return replies
 
-    def _pull_late(self, got: list[Message], now: float) -> None:
-        for m in got:
-            o = self.outstanding.pop(m.metadata.reply_to_message_id, None)
-            if o is not None:
-                self.late_replies.append(LateReply(m, o.pushed_at, now, o.tag))
-
     def _forget_lost(self) -> None:
         lost = self.lost_devices()
         if lost:
-            for mid, o in list(self.outstanding.items()):
-                if self.node_names.get(o.node_id) in lost:
-                    del self.outstanding[mid]
+            with self._lock:
+                for mid, o in list(self.outstanding.items()):
+                    if self.node_names.get(o.node_id) in lost:
+                        del self.outstanding[mid]
 
     def _abandon(self, mids: set[str], dst: dict[str, int], why: str) -> None:
         for m in mids:

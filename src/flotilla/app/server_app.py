@@ -167,14 +167,17 @@ def main(grid: Grid, context: Context) -> None:
         print(f"[flotilla] round {server_round}: accuracy={acc:.4f} loss={loss:.4f}", flush=True)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
-    result = strategy.start(
-        grid=fleet,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=int(cfg["num-server-rounds"]),
-        timeout=float(cfg.get("round-timeout-s", 600)),
-        train_config=ConfigRecord({"seed": int(cfg.get("seed", 0))}),
-        evaluate_fn=central_evaluate,
-    )
+    try:
+        result = strategy.start(
+            grid=fleet,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=int(cfg["num-server-rounds"]),
+            timeout=float(cfg.get("round-timeout-s", 600)),
+            train_config=ConfigRecord({"seed": int(cfg.get("seed", 0))}),
+            evaluate_fn=central_evaluate,
+        )
+    finally:
+        fleet.close()
     if out_dir is not None and result.arrays is not None:
         np.savez(out_dir / "weights.npz", **dict(zip(keys, result.arrays.to_numpy_ndarrays())))
     print(f"[flotilla] done in {time.time() - t_run:.1f}s", flush=True)

@@ -26,8 +26,8 @@ FleetAuto (policy auto) sizes each device's work from measurements:
 - aggregate_train averages with FedNova weights (hetero.fednova_aggregate):
   each update counts per local step, so devices that did more steps do not
   pull the model their way. Updates of few steps (under 1/4 of the round's
-  most) are left out: FedNova scales them up, and scaled-up noise costs
-  more accuracy than their few steps bring.
+  most, or of their own local_epochs) are left out: FedNova scales them up,
+  and scaled-up noise costs more accuracy than their few steps bring.
 The math lives in flotilla.app.hetero and in the pure helpers below.
 """
 
@@ -176,13 +176,16 @@ def aggregate_updates(global_arrays: list, updates: Sequence[Update],
     A stale update's change (base - x) is moved onto the current model and its
     data weight divided by sqrt(1 + staleness) (FedBuff/FedAsync-style). Updates
     with fewer than `min_step_share` of the most steps among the fresh ones
-    (among all, if none is fresh) are left out: FedNova would scale them up.
+    (among all, if none is fresh; at most their own local_epochs of steps)
+    are left out: FedNova would scale them up.
     With only stale updates the step is damped by their mean discount, so an
     old update never moves the model as far as a fresh one would.
     """
     fresh_steps = [u.steps for u in updates if u.base is None]
     most = max(fresh_steps or [u.steps for u in updates])
-    used = [u.steps > 0 and u.steps >= min_step_share * most for u in updates]
+    # against the most steps, but never more than the update's own local_epochs: a device that did
+    # its full share is kept however far others trained ahead (its data would otherwise be lost)
+    used = [u.steps > 0 and u.steps >= min_step_share * min(most, u.epoch_steps or most) for u in updates]
     kept = [u for u, ok in zip(updates, used) if ok]
     if not kept:
         return list(global_arrays), used
@@ -566,7 +569,7 @@ class FleetAuto(FleetFedAvg):
     def _censor_busy(self, grid: Grid, busy: set[int]) -> None:
         """A busy device's reply takes at least as long as it has been out: tell the planner."""
         now = time.time()
-        for o in getattr(grid, "outstanding", {}).values():
+        for o in getattr(grid, "outstanding_now", list)():
             a = self._sent.get(o.node_id)
             e = self.planner.devices.get(self._name(o.node_id))
             if o.node_id in busy and a and a.steps and e and e.throughput_sps:
@@ -649,7 +652,9 @@ class FleetAuto(FleetFedAvg):
                 records.append(self._missing(node, "lost", {}, error=str(msg.error.reason)[:300]))
                 continue
             rec = device_record(msg, self.node_names)
-            reply_s = rec["ended"] - late.pushed_at if rec["ended"] > late.pushed_at else None
+            # arrival, not the ClientApp's end: the way back (push to the SuperNode, then to the SuperLink)
+            # is a second or more at a small quota, and an estimate without it makes the round wait for this device
+            reply_s = late.arrived_at - late.pushed_at if late.arrived_at > late.pushed_at else None
             self.planner.observe(rec["name"], samples=rec["samples"], train_s=rec["train_s"],
                                  partition_size=rec["num_examples"], reply_s=reply_s,
                                  handler_s=rec["ended"] - rec["started"] if rec["started"] else None)
