@@ -38,7 +38,7 @@ def test_supernode_wakes_its_superexec_when_it_creates_a_task():
         "import threading, time\n"
         "from flotilla import engine_tuning as t\n"
         "assert t.wake_superexec_on_tasks()\n"
-        "r, _ = t.superexec_wake_pipe()\n"
+        "r = t.superexec_wake_pipe()\n"
         "clock = t.WakeableTime(r, fallback_s=1.0)\n"
         "t0 = time.monotonic(); clock.sleep(0.1); idle = time.monotonic() - t0\n"
         "from flwr.supercore.object_store import ObjectStoreFactory\n"

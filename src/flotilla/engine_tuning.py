@@ -1,8 +1,7 @@
 """Latency fixes for flwr 1.4x's deployment engine, applied in-process.
 
 Measured on a round of the built-in app (4 devices): of 3.5 s per round,
-0.5 s was training. The rest was waiting in three places, none of which is
-work:
+0.5 s was training. The rest was waiting, none of it work:
 
 - the SuperNode sleeps a hard-coded 3 s whenever a poll finds no message,
   and 0.5 s between checks for a finished reply (start_client_internal);
@@ -46,8 +45,15 @@ WAKE_FALLBACK_S = 1.0  # a SuperExec woken on each new task still polls this oft
 WAKE_FD_ENV = "FLOTILLA_TASK_WAKE_FD"
 
 
-class CappedSleepTime:
-    """Stands in for a module's `time`: sleep() is capped, everything else is time's.
+class _TimeProxy:
+    """Stands in for a flwr module's `time`: subclasses change sleep(), everything else is time's."""
+
+    def __getattr__(self, name):
+        return getattr(_time, name)
+
+
+class CappedSleepTime(_TimeProxy):
+    """sleep() is capped.
 
     Waits under `local_below_s` (flwr's in-process state checks) are capped at
     `local_cap_s`, longer ones (network polls) at `cap_s`.
@@ -60,12 +66,9 @@ class CappedSleepTime:
     def sleep(self, seconds: float) -> None:
         _time.sleep(min(seconds, self.local_cap_s if seconds < self.local_below_s else self.cap_s))
 
-    def __getattr__(self, name):
-        return getattr(_time, name)
 
-
-class WakeableTime:
-    """Stands in for the SuperExec loop's `time`: sleep() ends early when the SuperNode writes to `fd`.
+class WakeableTime(_TimeProxy):
+    """For the SuperExec loop: sleep() ends early when the SuperNode writes to `fd`.
 
     With the pipe open, a sleep lasts at least `fallback_s` unless woken (the
     poll becomes a fallback); once the SuperNode's end is closed it is a plain sleep.
@@ -89,16 +92,13 @@ class WakeableTime:
                 os.close(self.fd)
                 self.fd = -1
 
-    def __getattr__(self, name):
-        return getattr(_time, name)
-
 
 def poll_cap_s() -> float:
     return float(os.environ.get("FLOTILLA_POLL_S", "0.2"))
 
 
 def shorten_supernode_poll(cap_s: float | None = None) -> bool:
-    """Cap the SuperNode loop's sleeps (3 s idle poll, 0.5 s reply check) at cap_s."""
+    """Cap the SuperNode loop's 3 s idle poll at cap_s and its 0.5 s in-process checks at LOCAL_CHECK_S."""
     cap_s = poll_cap_s() if cap_s is None else cap_s
     try:
         import flwr.supernode.start_client_internal as sci
@@ -130,12 +130,12 @@ def shorten_pull_backoff(initial_s: float = PULL_INITIAL_BACKOFF_S, cap_s: float
 _wake_fds: list[int] = []  # write ends of the pipes to this SuperNode's SuperExecs
 
 
-def superexec_wake_pipe() -> tuple[int, int]:
-    """A pipe for one SuperExec: (read end to pass to it, write end kept here, non-blocking)."""
+def superexec_wake_pipe() -> int:
+    """A pipe for one SuperExec: returns the read end to pass to it; the write end stays here."""
     r, w = os.pipe()
     os.set_blocking(w, False)
     _wake_fds.append(w)
-    return r, w
+    return r
 
 
 def _wake_superexecs() -> None:

@@ -1,11 +1,12 @@
 """`flower-supernode` with its waits shortened and a fork-server SuperExec.
 
 Runs the unmodified SuperNode after engine_tuning's patches: its idle poll
-(3 s) and reply check (0.5 s) capped at FLOTILLA_POLL_S (default 0.2 s;
-pulls are small HTTP requests to the SuperLink) and object pulls retried
-after 50 ms instead of 1 s. The SuperNode starts its SuperExec as
-`flower-superexec ARGS`; here that becomes `python -m flotilla.fast_superexec
-ARGS`, whose ClientApps are forks of a warm process. Whatever a future flwr
+(3 s) capped at FLOTILLA_POLL_S (default 0.2 s; pulls are small HTTP requests
+to the SuperLink), its in-process reply checks (0.5 s) at 20 ms, and object
+pulls retried after 50 ms instead of 1 s. The SuperNode starts its SuperExec
+as `flower-superexec ARGS`; here that becomes `python -m flotilla.fast_superexec
+ARGS`, whose ClientApps are forks of a warm process and which sleeps until the
+SuperNode wakes it through a pipe on each new task. Whatever a future flwr
 moved is reported on stderr and left as shipped.
 """
 
@@ -29,7 +30,7 @@ class _SuperExecPopen:
         args = [sys.executable, "-m", "flotilla.fast_superexec", *args[1:]]
         if not engine_tuning.wake_superexec_on_tasks():
             return self._subprocess.Popen(args, *a, **kw)
-        r, _ = engine_tuning.superexec_wake_pipe()  # the SuperExec sleeps until a task is created
+        r = engine_tuning.superexec_wake_pipe()  # the SuperExec sleeps until a task is created
         env = dict(kw.pop("env", None) or os.environ) | {engine_tuning.WAKE_FD_ENV: str(r)}
         try:
             return self._subprocess.Popen(args, *a, env=env, pass_fds=(*kw.pop("pass_fds", ()), r), **kw)

@@ -196,14 +196,15 @@ def aggregate_updates(global_arrays: list, updates: Sequence[Update],
     kept = [u for u, ok in zip(updates, used) if ok]
     if not kept:
         return list(global_arrays), used
+    discount = [1 / (1 + u.staleness) ** staleness_exponent for u in kept]
     clients, weights = [], []
-    for u in kept:
+    for u, d in zip(kept, discount):
         if u.base is None:
             clients.append(u.arrays)
             weights.append(float(u.num_examples))
         else:
             clients.append([g - (b - x) for g, b, x in zip(global_arrays, u.base, u.arrays)])
-            weights.append(u.num_examples / (1 + u.staleness) ** staleness_exponent)
+            weights.append(u.num_examples * d)
     cap = None
     if any(u.ahead_steps for u in kept):
         w = np.asarray(weights) / sum(weights)
@@ -211,7 +212,7 @@ def aggregate_updates(global_arrays: list, updates: Sequence[Update],
         cap = ahead_step_gain * float((w * np.asarray(planned)).sum())
     new = hetero.fednova_aggregate(global_arrays, clients, weights, [u.steps for u in kept], cap)
     if all(u.base is not None for u in kept):
-        damp = statistics.mean(1 / (1 + u.staleness) ** staleness_exponent for u in kept)
+        damp = statistics.mean(discount)
         new = [(g + damp * (n - g)).astype(np.asarray(g).dtype) for g, n in zip(global_arrays, new)]
     return new, used
 
