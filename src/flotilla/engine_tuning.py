@@ -173,8 +173,8 @@ def wake_superexec_on_tasks() -> bool:
 
 def superexec_waits_for_wakeups() -> bool:
     """In a SuperExec started with a wake pipe: sleep in its loop until woken (or the fallback poll)."""
-    fd = os.environ.get(WAKE_FD_ENV)
-    if not fd:
+    fd = os.environ.get(WAKE_FD_ENV, "")
+    if not fd.isdigit():  # not started by fast_supernode (or garbled): keep flwr's poll
         return False
     try:
         from flwr.supercore.superexec import run_superexec as rs
