@@ -1,7 +1,7 @@
 """Flotilla's latency patches still find what they patch in the installed flwr.
 
 These change timing constants of unmodified flwr code (engine_tuning) and
-swap the SuperExec's executor (fast_superexec). If a flwr upgrade moved any
+swap the SuperExec's executor (flotilla.runtime.superexec). If a flwr upgrade moved any
 of them the engine would silently run as shipped: 3 s idle polls, 1 s pull
 back-offs, a Python start per ClientApp. Each check runs in a fresh
 interpreter, as the SuperNode and SuperExec do.
@@ -19,7 +19,7 @@ def run_py(code: str) -> str:
 
 def test_supernode_poll_and_pull_backoff_are_shortened():
     out = run_py(
-        "from flotilla import engine_tuning as t\n"
+        "from flotilla.runtime import engine_tuning as t\n"
         "assert t.shorten_supernode_poll(0.2) and t.shorten_pull_backoff()\n"
         "import flwr.supernode.start_client_internal as sci, time\n"
         "t0 = time.monotonic(); sci.time.sleep(3); slept = time.monotonic() - t0\n"
@@ -36,7 +36,7 @@ def test_supernode_poll_and_pull_backoff_are_shortened():
 def test_supernode_wakes_its_superexec_when_it_creates_a_task():
     out = run_py(
         "import threading, time\n"
-        "from flotilla import engine_tuning as t\n"
+        "from flotilla.runtime import engine_tuning as t\n"
         "assert t.wake_superexec_on_tasks()\n"
         "r = t.superexec_wake_pipe()\n"
         "clock = t.WakeableTime(r, fallback_s=1.0)\n"
@@ -56,7 +56,7 @@ def test_superexec_loop_sleeps_on_the_wake_pipe_it_was_given():
     out = run_py(
         "import os\n"
         "r, w = os.pipe(); os.environ['FLOTILLA_TASK_WAKE_FD'] = str(r)\n"
-        "from flotilla import engine_tuning as t\n"
+        "from flotilla.runtime import engine_tuning as t\n"
         "assert t.superexec_waits_for_wakeups()\n"
         "from flwr.supercore.superexec import run_superexec as rs\n"
         "os.close(w); rs.time.sleep(0.01)\n"  # the SuperNode's end closed: back to plain sleeps
@@ -67,23 +67,23 @@ def test_superexec_loop_sleeps_on_the_wake_pipe_it_was_given():
 
 def test_supernode_starts_the_fork_server_superexec():
     out = run_py(
-        "from flotilla.fast_supernode import use_fast_superexec\n"
-        "assert use_fast_superexec()\n"
+        "from flotilla.runtime.supernode import use_flotilla_superexec\n"
+        "assert use_flotilla_superexec()\n"
         "import flwr.supernode.start_client_internal as sci\n"
         "p = sci.subprocess.Popen(['flower-superexec', '--help'], stdout=sci.subprocess.PIPE, text=True)\n"
         "print(p.args[1:3]); p.wait()"
     )
-    assert out == "['-m', 'flotilla.fast_superexec']"
+    assert out == "['-m', 'flotilla.runtime.superexec']"
 
 
 def test_superexec_uses_the_fork_server_executor():
     out = run_py(
-        "from flotilla.fast_superexec import patch_executor\n"
-        "assert patch_executor()\n"
+        "from flotilla.runtime.superexec import patch_executor\n"
+        "assert patch_executor(client_side=True)\n"
         "from flwr.supercore.constant import ExecutorType\n"
         "from flwr.supercore.superexec import run_superexec as rs\n"
         "e = rs.get_executor(ExecutorType.SUBPROCESS)\n"
         "import multiprocessing.forkserver as fs\n"
         "print(type(e).__name__, fs._forkserver._forkserver_pid is not None); e.close()"
     )
-    assert out == "ForkServerExecutor True"
+    assert out == "FlotillaExecutor True"

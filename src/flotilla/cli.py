@@ -29,6 +29,7 @@ RegistryOpt = typer.Option(None, "--registry", help="swarm/k8s: registry/project
 TargetOptOpt = typer.Option(None, "--target-opt", "-O", help="A target option KEY=VALUE (repeatable), e.g. "
                             "subnet=10.213.0.0/24, endpoint_mode=vip, namespace=fl, nfs=server:/export.")
 RunsDirOpt = typer.Option(Path("runs"), "--runs-dir", help="Where run records live.")
+EXIT_CODES = {"completed": 0, "failed": 1, "stopped": 130}  # 2: bad input (fail())
 
 
 def fail(msg: str, code: int = 2) -> None:
@@ -112,7 +113,7 @@ def run(
         with live_progress(err) as update:
             summary = run_job(job, target, rec, on_update=update, metrics_port=metrics_port)
     _print_result(summary, rec, json_out)
-    raise typer.Exit(0 if summary["status"] == "completed" else 1)
+    raise typer.Exit(EXIT_CODES.get(summary["status"], 1))
 
 
 def _plain_progress():
@@ -122,7 +123,8 @@ def _plain_progress():
         if p.round != last["round"]:
             last["round"] = p.round
             acc = f"{p.accuracy:.4f}" if p.accuracy is not None else "-"
-            err.print(f"round {p.round}/{p.rounds}  accuracy {acc}  ({time.time() - p.started:.0f}s)", highlight=False)
+            err.print(f"round {p.round}/{p.rounds or '?'}  accuracy {acc}  ({time.time() - p.started:.0f}s)",
+                      highlight=False)
 
     return update
 
@@ -134,10 +136,12 @@ def _print_result(summary: dict, rec, json_out: bool) -> None:
     acc = summary["final_accuracy"]
     acc_s = f"{acc:.2%}" if acc is not None else "n/a"
     color = {"completed": "green", "stopped": "yellow"}.get(summary["status"], "red")
-    err.print(f"[{color}]{summary['status']}[/{color}]: final accuracy {acc_s} after {len(summary['rounds'])} rounds "
-              f"in {summary['wall_s']:.1f}s — record {rec.dir}", highlight=False)
+    err.print(f"[{color}]{summary['status']}[/{color}]: final {summary.get('accuracy_metric', 'accuracy')} {acc_s} "
+              f"after {len(summary['rounds'])} rounds in {summary['wall_s']:.1f}s — record {rec.dir}", highlight=False)
     if summary.get("error"):
         err.print(f"  {summary['error']}", highlight=False)
+    for note in summary.get("notes", []):
+        err.print(f"  note: {note}", highlight=False)
     report = rec.dir / "report" / "index.html"
     if report.exists():
         err.print(f"  report: {report}", highlight=False)

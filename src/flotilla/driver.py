@@ -1,9 +1,11 @@
 """The driver: submit a job to a target, follow it, write the record, clean up.
 
 Target-agnostic: a target starts the federation (`up`) and ends it (`down`);
-the driver submits the Flower App with the `flwr` CLI, follows the records
-the ServerApp writes, watches the devices, and turns SIGINT/SIGTERM into an
-orderly stop. Whatever happens, `down` runs and summary.json is written.
+the driver waits until the fleet is connected, submits the Flower App with
+the `flwr` CLI, follows the run on Flower's Control API (its status is the
+run's outcome, for any app) and in the record the ServerApp's observer
+writes, watches the devices, and turns SIGINT/SIGTERM into an orderly stop.
+Whatever happens, `down` runs and summary.json is written.
 """
 
 from __future__ import annotations
@@ -15,18 +17,23 @@ import signal
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flotilla.device import flower_env
-from flotilla.job import BUILTIN_APPS, Job
+from flotilla.appspec import BUILTIN_FAB
+from flotilla.contracts import RecordPaths, trained
+from flotilla.diagnose import app_failure
+from flotilla.flower_control import ControlError, FlowerControl
+from flotilla.job import Job
 from flotilla.plan import Plan, format_node_config, make_plan
-from flotilla.runs import RunRecord, new_run_id
+from flotilla.runs import JsonlTail, RunRecord, new_run_id
+from flotilla.runtime.commands import flower_env
 from flotilla.targets import Federation, Target, TargetError, get_target
 
-BUILTIN_FAB = Path(__file__).parent / "app" / "fab"
 CONNECTION = "flotilla"
+STATUS_EVERY_S = 1.0  # Flower's run status, on its Control API (~10 ms a request)
+CONTROL_FAILURES_FATAL = 15  # consecutive unanswered status requests: the SuperLink is gone
+OBSERVER_FLUSH_S = 10.0  # after Flower says finished, wait this long for the observer's last rows
 
 
 class RunFailed(RuntimeError):
@@ -42,7 +49,7 @@ class Progress:
     """What the terminal shows; updated by the follow loop."""
 
     run_id: str
-    rounds: int
+    rounds: int | None
     round: int = 0
     accuracy: float | None = None
     loss: float | None = None
@@ -58,31 +65,18 @@ def create_run(job: Job, target: str, runs_dir: Path | None = None, run_id: str 
     rec = RunRecord.create(
         Path(runs_dir or job.runs_dir), run_id or new_run_id(job.name), job.model_dump(mode="json"), plan.to_dict()
     )
-    rec.write_state(target=target, target_options=target_options or {}, job_name=job.name, rounds=job.rounds,
-                    devices=[d.name for d in plan.devices])
+    rec.write_state(target=target, target_options=target_options or {}, job_name=job.name,
+                    rounds=plan.target_rounds(), devices=[d.name for d in plan.devices], app=plan.app.name)
     return rec
 
 
 def app_dir_for(job: Job, run: RunRecord) -> Path:
     """The Flower App directory to submit (a copy: `flwr run` may rewrite its pyproject)."""
-    src = BUILTIN_FAB if job.app in BUILTIN_APPS else Path(job.app)
+    src = BUILTIN_FAB if job.builtin_app else Path(job.app)
     dst = run.dir / "app"
     if not dst.exists():
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", ".venv", "*.pyc"))
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", ".venv", "*.pyc", "runs"))
     return dst
-
-
-def app_run_config(job: Job, plan: Plan, run: RunRecord, fed: Federation, app_dir: Path) -> dict:
-    cfg = plan.run_config() | {
-        "output-dir": fed.output_dir or str(run.dir),
-        "expected-devices": len(plan.devices),
-        "run-id": run.run_id,
-        "job-name": job.name,
-        "metrics-port": fed.serverapp_metrics_port,
-    }
-    declared = tomllib.loads((app_dir / "pyproject.toml").read_text())
-    keys = declared.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
-    return {k: v for k, v in cfg.items() if k in keys}  # flwr refuses keys the app does not declare
 
 
 def write_flwr_config(flwr_home: Path, fed: Federation) -> None:
@@ -95,22 +89,28 @@ def write_flwr_config(flwr_home: Path, fed: Federation) -> None:
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
+def run_config_toml(cfg: dict) -> str:
+    return "\n".join(f"{k} = {format_node_config({k: v}).split('=', 1)[1]}" for k, v in cfg.items()) + "\n"
+
+
 class Driver:
     def __init__(self, job: Job, run: RunRecord, target: Target, metrics_port: int = 0) -> None:
         self.job, self.run, self.target = job, run, target
-        self.plan = make_plan(job)
+        self.plan: Plan = make_plan(job)
+        self.paths = RecordPaths(run.dir)
         self.metrics_port = metrics_port
         self.env = flower_env() | {"FLWR_HOME": str(run.dir / "flwr")}
         self.flwr_run_id: int | None = None
-        self.progress = Progress(run.run_id, job.rounds)
+        self.control: FlowerControl | None = None
+        self.progress = Progress(run.run_id, self.plan.target_rounds())
         self.stop_reason: str | None = None
-        self.lost: set[str] = set()
-        self.log_follower: subprocess.Popen | None = None
+        self.lost: dict[str, str] = {}  # device -> why
+        self.notes: list[str] = []
 
     # -- signals -------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
         self.stop_reason = signal.Signals(signum).name
-        raise Stopped(self.stop_reason)
+        raise Stopped(f"stopped by {self.stop_reason}")
 
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -122,7 +122,7 @@ class Driver:
 
         from flotilla.monitor.metrics import FlotillaExporter, follow_run
 
-        exporter = FlotillaExporter(self.run.run_id, self.job.name, target_rounds=self.job.rounds)
+        exporter = FlotillaExporter(self.run.run_id, self.job.name, target_rounds=self.progress.rounds)
         if self.metrics_port:
             port = exporter.serve(self.metrics_port, addr="127.0.0.1")
             self.run.write_state(metrics_url=f"http://127.0.0.1:{port}/metrics")
@@ -143,27 +143,35 @@ class Driver:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         status, error = "failed", None
         self.run.write_state(status="starting", driver_pid=os.getpid(), started=time.time())
+        for note in self.plan.run_config_notes():
+            self._note(note)
         try:
             try:
+                app_dir_for(self.job, self.run)  # the copy is what runs (and what devices preload)
                 fed = self.target.up(self.plan, self.run)
+                self.control = FlowerControl(fed.control_address, fed.insecure, fed.root_certificates)
+                self._wait_for_fleet(on_update)
                 self.run.write_state(status="running", control_address=fed.control_address)
                 self._submit(fed)
                 self._follow(on_update)
                 status = "completed"
-            except Stopped:
-                status, error = "stopped", f"stopped by {self.stop_reason}"
+            except Stopped as stop:
+                status, error = "stopped", str(stop)
                 self.progress.message = error
                 self._stop_flower_run()
             except (TargetError, RunFailed) as err:
                 status, error = "failed", str(err)
+                self._stop_flower_run()
             except Exception as err:  # noqa: BLE001 - any crash still ends in a clean teardown and a record
                 status, error = "failed", f"{type(err).__name__}: {err}"
+                self._stop_flower_run()
         finally:
             # Ignore further Ctrl-C while tearing down: a half-done teardown leaks processes.
             for s in old:
                 signal.signal(s, signal.SIG_IGN)
             try:
-                self._end_log_follower()
+                if self.control is not None:
+                    self.control.close()
                 end_monitor()
                 self.target.down(self.run)
             finally:
@@ -172,13 +180,55 @@ class Driver:
         self.progress.status = status
         return self._finish(status, error)
 
+    def _note(self, note: str) -> None:
+        self.notes.append(note)
+        print(f"flotilla: note: {note}", file=sys.stderr, flush=True)
+
+    def _wait_for_fleet(self, on_update) -> None:
+        """Hold the app until every device is connected (or start_timeout_s passed with min_devices): round 1
+        then includes the whole fleet. A device that exits meanwhile is reported and not waited for."""
+        expected = len(self.plan.devices)
+        need = self.job.strategy.min_devices
+        t0 = time.time()
+        end = t0 + self.job.strategy.start_timeout_s
+        online: list[int] = []
+        while True:
+            self._check_devices()
+            alive = expected - len(self.lost)
+            if alive < need:
+                raise RunFailed(f"only {alive} of {expected} devices started, fewer than strategy.min_devices={need}")
+            try:
+                online = self.control.online_nodes()
+            except ControlError as err:
+                if time.time() > end:
+                    raise RunFailed(str(err)) from None
+            if len(online) >= alive:
+                break
+            if time.time() > end:
+                if len(online) >= need:
+                    self._note(f"started with {len(online)} of {expected} devices connected after "
+                               f"strategy.start_timeout_s={self.job.strategy.start_timeout_s:g} s")
+                    break
+                raise RunFailed(f"only {len(online)} of {expected} devices connected within "
+                                f"strategy.start_timeout_s={self.job.strategy.start_timeout_s:g} s "
+                                f"(fewer than strategy.min_devices={need}); see the device logs in {self.run.logs}")
+            self.progress.message = f"waiting for the fleet: {len(online)}/{expected} devices connected"
+            if on_update:
+                on_update(self.progress)
+            time.sleep(0.25)
+        self.progress.message = ""
+        self.run.write_state(fleet_connected_s=round(time.time() - t0, 2), fleet_connected=len(online))
+
     def _submit(self, fed: Federation) -> None:
         write_flwr_config(self.run.dir / "flwr", fed)
         app_dir = app_dir_for(self.job, self.run)
-        cfg = app_run_config(self.job, self.plan, self.run, fed, app_dir)
-        cfg_path = self.run.dir / "run_config.toml"
-        cfg_path.write_text("\n".join(f"{k} = {format_node_config({k: v}).split('=', 1)[1]}" for k, v in cfg.items()))
-        res = self.flwr("run", str(app_dir), CONNECTION, "--run-config", str(cfg_path), "--format", "json")
+        cfg = self.plan.run_config()
+        cmd = ["run", str(app_dir), CONNECTION, "--format", "json"]
+        if cfg:
+            cfg_path = self.run.dir / "run_config.toml"
+            cfg_path.write_text(run_config_toml(cfg))
+            cmd += ["--run-config", str(cfg_path)]
+        res = self.flwr(*cmd)
         self.run.log_path("flwr-run").write_text(res.stdout + res.stderr)
         try:
             out = json.loads(res.stdout[res.stdout.index("{"):])
@@ -189,105 +239,93 @@ class Driver:
             raise RunFailed(f"flwr run failed to submit the app: {' | '.join(tail)}")
         self.flwr_run_id = int(out["run-id"])
         self.run.write_state(flwr_run_id=self.flwr_run_id)
-        if self.job.app in BUILTIN_APPS:
-            return  # the built-in ServerApp writes logs/serverapp.log itself (flotilla.app.serverlog)
-        with open(self.run.log_path("serverapp"), "ab") as fh:
-            self.log_follower = subprocess.Popen(
-                ["flwr", "log", str(self.flwr_run_id), CONNECTION, "--stream"], env=self.env,
-                stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-
-    def _flower_status(self) -> str | None:
-        res = self.flwr("ls", CONNECTION, "--run-id", str(self.flwr_run_id), "--format", "json", timeout=60)
-        try:
-            runs = json.loads(res.stdout[res.stdout.index("{"):]).get("runs", [])
-            return runs[0].get("status") if runs else None
-        except (ValueError, IndexError, AttributeError):
-            return None
 
     def _follow(self, on_update) -> None:
         from flotilla.throttle import Throttler
 
         throttler = Throttler(self.run) if self.job.heterogeneity.throttle else None
-        seen_rounds = 0
-        last_status_check = time.time()
-        min_devices = self.job.strategy.min_devices
+        rounds = JsonlTail(self.paths.metrics)
+        last_status = 0.0
+        control_failures = 0
         while True:
-            rounds = self.run.rounds()
-            if len(rounds) > seen_rounds:
-                seen_rounds = len(rounds)
-                last = rounds[-1]
-                self.progress.round, self.progress.accuracy, self.progress.loss = (
-                    last["round"], last["accuracy"], last["loss"])
-                for d in last.get("devices", []):
-                    self.progress.devices.setdefault(d["name"], {}).update(
-                        train_s=d["train_s"], throughput_sps=d.get("throughput_sps"))
+            for row in rounds.read_new():
+                self._on_round(row)
             if throttler is not None:
                 for rec in throttler.tick():
                     self.progress.message = (f"throttled {rec['device']}: cpus={rec.get('cpus')} "
                                              f"memory={rec.get('memory')}" + (f" ({rec['error']})" if rec.get("error") else ""))
-            states = self.target.device_states(self.run)
-            for name, state in states.items():
-                self.progress.devices.setdefault(name, {})["state"] = state
-                if state == "exited" and name not in self.lost:
-                    self._device_lost(name)
-            if len(states) - len(self.lost) < min_devices:
-                raise RunFailed(
-                    f"only {len(states) - len(self.lost)} devices left, fewer than strategy.min_devices={min_devices}")
+            self._check_devices()
+            alive = len(self.plan.devices) - len(self.lost)
+            if alive < self.job.strategy.min_devices:
+                raise RunFailed(f"only {alive} devices left, fewer than strategy.min_devices="
+                                f"{self.job.strategy.min_devices}")
             if on_update:
                 on_update(self.progress)
-            done = self.progress.round >= self.job.rounds and (self.run.dir / "weights.npz").exists()
-            follower_done = self.log_follower is not None and self.log_follower.poll() is not None
-            # `flwr ls` costs ~1.4 s of CPU: ask when the record says done, else rarely (catches crashes)
-            if done or follower_done or time.time() - last_status_check > 30:
-                last_status_check = time.time()
-                st = self._flower_status() or ""
-                if st.startswith("finished"):
-                    if st != "finished:completed":
-                        raise RunFailed(f"the Flower run ended as {st}; see {self.run.log_path('serverapp')}")
-                    last = max((r.get("round", 0) for r in self.run.rounds()), default=0)  # fresh read: no race
-                    self.progress.round = max(self.progress.round, last)
-                    if self.progress.round < self.job.rounds:
-                        raise RunFailed(f"the Flower run finished after round {self.progress.round} of "
-                                        f"{self.job.rounds}; see {self.run.log_path('serverapp')}")
-                    return
+            if time.time() - last_status >= STATUS_EVERY_S:
+                last_status = time.time()
+                try:
+                    state = self.control.run_state(self.flwr_run_id)
+                    control_failures = 0
+                except ControlError as err:
+                    control_failures += 1
+                    if control_failures >= CONTROL_FAILURES_FATAL:
+                        raise RunFailed(f"the SuperLink stopped answering ({err}); see {self.run.log_path('superlink')}")
+                    state = None
+                if state is not None and state.finished:
+                    self._await_observer()
+                    for row in rounds.read_new():
+                        self._on_round(row)
+                    if state.sub_status == "completed":
+                        return
+                    if state.sub_status == "stopped":
+                        raise Stopped("the Flower run was stopped (flwr stop)")
+                    raise RunFailed(self._failure(state.details))
             time.sleep(0.25)
 
-    def _device_lost(self, name: str) -> None:
-        self.lost.add(name)
+    def _on_round(self, row: dict) -> None:
+        if row.get("round", 0) < 1:
+            return
+        self.progress.round = row["round"]
+        self.progress.accuracy, self.progress.loss = row.get("accuracy"), row.get("loss")
+        for d in row.get("devices", []):
+            if trained(d):
+                self.progress.devices.setdefault(d["name"], {}).update(
+                    train_s=d.get("train_s"), throughput_sps=d.get("throughput_sps"))
+
+    def _await_observer(self) -> None:
+        end = time.time() + OBSERVER_FLUSH_S
+        while not self.paths.observed.exists() and time.time() < end:
+            time.sleep(0.1)
+
+    def _failure(self, details: str) -> str:
+        logs = {d.name: self.target.log_path(self.run, d.name) for d in self.plan.devices}
+        return "the app failed: " + app_failure(details, self.run.log_path("serverapp"), logs)
+
+    def _check_devices(self) -> None:
+        for name, state in self.target.device_states(self.run).items():
+            self.progress.devices.setdefault(name, {})["state"] = state
+            if state == "exited" and name not in self.lost:
+                self._device_lost(name)
+
+    def _device_lost(self, name: str, why: str | None = None) -> None:
         tail = _tail(self.target.log_path(self.run, name), 8)
-        code = getattr(self.target, "exit_code", lambda n: None)(name)
-        why = self.target.explain_exit(self.run, name)
+        code = self.target.exit_code(self.run, name)
+        why = why or self.target.explain_exit(self.run, name)
         msg = f"device {name} exited (code {code})" + (f": {why}" if why else "")
         msg += "; last log lines:\n" + "\n".join("    " + t for t in tail)
+        self.lost[name] = why or f"exited with code {code}"
         self.progress.message = msg
         print(f"flotilla: {msg}", file=sys.stderr, flush=True)
-        (self.run.dir / "lost_devices.json").write_text(json.dumps(sorted(self.lost)))
-        self.run.write_state(lost_devices=sorted(self.lost))
+        self.paths.lost_devices.write_text(json.dumps(sorted(self.lost)))
+        self.run.write_state(lost_devices=sorted(self.lost), lost_reasons=self.lost)
 
     def _stop_flower_run(self) -> None:
-        if self.flwr_run_id is not None:
-            try:
-                self.flwr("stop", str(self.flwr_run_id), CONNECTION, timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-
-    def _end_log_follower(self) -> None:
-        log = self.run.log_path("serverapp")
-        if self.flwr_run_id is not None and (not log.exists() or log.stat().st_size == 0):
-            try:  # the ServerApp never got to write its log (e.g. failed at import): ask Flower once
-                res = self.flwr("log", str(self.flwr_run_id), CONNECTION, "--show", timeout=30)
-                log.write_text(res.stdout + res.stderr)
-            except subprocess.TimeoutExpired:
-                pass
-        p = self.log_follower
-        if p is not None and p.poll() is None:
-            time.sleep(0.5)  # let it catch the last lines
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        if self.flwr_run_id is None or self.control is None:
+            return
+        try:
+            self.control.stop_run(self.flwr_run_id)
+        except ControlError:
+            pass
 
     def _finish(self, status: str, error: str | None) -> dict:
         st = self.run.state()
@@ -297,15 +335,28 @@ class Driver:
         }
         for r in rounds:
             for d in r.get("devices", []):
-                if d["name"] in per_device:
-                    per_device[d["name"]]["train_s"] = round(per_device[d["name"]]["train_s"] + d["train_s"], 3)
+                if d["name"] in per_device and trained(d):
+                    per_device[d["name"]]["train_s"] = round(per_device[d["name"]]["train_s"] + (d.get("train_s") or 0),
+                                                             3)
+        observed = _read_json(self.paths.observed)
+        seen = observed.get("metrics_seen", {})
+        notes = list(self.notes)
+        acc_key = self.job.metrics.accuracy
+        if rounds and all(r.get("accuracy") is None for r in rounds):
+            names = sorted({m for scope in seen.values() for m in scope})
+            notes.append(f"no metric named {acc_key!r} was reported; the app reported: "
+                         f"{', '.join(names) or 'none'} (set metrics.accuracy in the job to one of them)")
         ended = time.time()
         summary = {
             "run_id": self.run.run_id,
             "status": status,
-            "final_accuracy": rounds[-1]["accuracy"] if rounds else None,
-            "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "wall_s")} for r in rounds],
+            "app": self.plan.app.name,
+            "final_accuracy": next((r["accuracy"] for r in reversed(rounds) if r.get("accuracy") is not None), None),
+            "accuracy_metric": acc_key,
+            "rounds_target": self.progress.rounds,
+            "rounds": [{k: r.get(k) for k in ("round", "accuracy", "loss", "wall_s")} for r in rounds],
             "devices": list(per_device.values()),
+            "metrics_seen": seen,
             "wall_s": round(ended - st.get("started", ended), 3),
             "target": self.target.name,
             "limits_enforced": st.get("limits_enforced", False),
@@ -313,7 +364,10 @@ class Driver:
             "started": st.get("started"),
             "ended": ended,
             "error": error,
+            "notes": notes,
         }
+        for o in self._collect_outputs():
+            summary.setdefault("outputs", []).append(o)
         self.run.summary_path.write_text(json.dumps(summary, indent=2))
         self.run.write_state(status=status, ended=ended, error=error)
         try:
@@ -323,6 +377,22 @@ class Driver:
         except Exception as err:  # noqa: BLE001 - a report problem must not turn a good run into a failed one
             print(f"flotilla: could not write the report: {err}", file=sys.stderr)
         return summary
+
+    def _collect_outputs(self) -> list[str]:
+        """Files the apps wrote in their working directories (the record's outputs/), relative paths."""
+        self.target.collect_outputs(self.run)
+        root = self.paths.outputs
+        if not root.is_dir():
+            return []
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+        return doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _tail(path: Path, n: int) -> list[str]:

@@ -90,6 +90,15 @@ class Strategy(_Strict):
     name: Literal["fedavg"] = "fedavg"
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_devices: int = Field(2, ge=1, description="Fewest devices a round needs; the run fails below it.")
+    start_timeout_s: float = Field(
+        300, gt=0, le=86400,
+        description="The app starts once every device is connected, or after this long with the devices that "
+        "came (if at least min_devices did).")
+
+
+class Metrics(_Strict):
+    accuracy: str = Field("accuracy", min_length=1, description="The app's name for its accuracy metric.")
+    loss: str = Field("loss", min_length=1, description="The app's name for its loss metric.")
 
 
 class Placement(_Strict):
@@ -164,9 +173,16 @@ class Heterogeneity(_Strict):
     throttle: list[ThrottleStep] = []
 
 
+AppConfigValue = bool | int | float | str
+
+
 class Job(_Strict):
     name: str
-    app: str = Field("mnist", description="A built-in app (mnist) or a path to a Flower App directory.")
+    app: str = Field("mnist", description="A built-in app (mnist) or a path to a Flower App directory "
+                     "(relative paths are taken from the job file's folder).")
+    app_config: dict[str, AppConfigValue] = Field(
+        {}, description="Run-config overrides for the app, like `flwr run --run-config` (keys the app declares).")
+    metrics: Metrics = Metrics()
     data: Data = Data()
     rounds: int = Field(5, ge=1, le=10000)
     strategy: Strategy = Strategy()
@@ -220,6 +236,16 @@ class Job(_Strict):
     def device_count(self) -> int:
         return sum(d.count for d in self.devices)
 
+    @property
+    def builtin_app(self) -> bool:
+        return self.app in BUILTIN_APPS
+
+    def app_spec(self):
+        """The app's declaration (its pyproject.toml)."""
+        from flotilla.appspec import AppSpec, builtin_app
+
+        return builtin_app() if self.builtin_app else AppSpec.load(self.app)
+
 
 def _field_path(loc: tuple) -> str:
     out = ""
@@ -265,22 +291,47 @@ def load_job(path: str | Path, check_paths: bool = True) -> Job:
         where = f" at line {mark.line + 1}" if mark else ""
         raise JobError(f"{path}: not valid YAML{where}") from None
     job = parse_job(doc, str(path))
-    base = path.resolve().parent
-    if job.data.path is not None and not job.data.path.is_absolute():
-        job.data.path = base / job.data.path
+    resolve_paths(job, path.resolve().parent)
     if check_paths:
         check_job_paths(job, str(path))
     return job
 
 
+def resolve_paths(job: Job, base: Path) -> None:
+    """Relative paths in a job are taken from the job file's folder (as a user reading the file expects)."""
+    if job.data.path is not None and not job.data.path.is_absolute():
+        job.data.path = base / job.data.path
+    if not job.builtin_app and not Path(job.app).is_absolute():
+        job.app = str((base / job.app).resolve())
+    if "runs_dir" in job.model_fields_set and not job.runs_dir.is_absolute():
+        job.runs_dir = base / job.runs_dir
+
+
 def check_job_paths(job: Job, source: str = "job") -> None:
+    """What needs the file system: the data directory and the app (its config keys and types)."""
+    from flotilla.appspec import AppError
+
     if job.data.path is not None and not job.data.path.is_dir():
         raise JobError(f"{source}: data.path: {job.data.path} is not a directory; point it at the MNIST IDX files")
-    if job.app not in BUILTIN_APPS and not (Path(job.app) / "pyproject.toml").is_file():
+    if not job.builtin_app and not (Path(job.app) / "pyproject.toml").is_file():
         raise JobError(
             f"{source}: app: {job.app!r} is neither a built-in app ({', '.join(BUILTIN_APPS)}) "
             "nor a Flower App directory with a pyproject.toml"
         )
+    try:
+        spec = job.app_spec()
+    except AppError as err:
+        raise JobError(f"{source}: app: {err}") from None
+    try:
+        for key, value in job.app_config.items():
+            spec.typed(key, value, f"{source}: app_config.{key}")
+    except AppError as err:
+        raise JobError(str(err)) from None
+    if not spec.builtin and job.heterogeneity.policy == "auto" and not spec.imports_flotilla():
+        raise JobError(
+            f"{source}: heterogeneity.policy: 'auto' sizes each device's work inside the ServerApp's strategy, and "
+            f"app {spec.name!r} does not use Flotilla's (flotilla.strategy); wrap your strategy with it "
+            "(see the README) or use policy 'manual' or 'none'")
 
 
 def job_schema() -> dict:

@@ -1,15 +1,17 @@
 """The ServerApp: FedAvg (or the `auto` policy) over the fleet, central evaluation every round.
 
-Writes the run's records into run config `output-dir` (metrics.jsonl,
-devices.jsonl, round_starts.jsonl, weights.npz) and, when `metrics-port` is
-set, serves them as Prometheus metrics. round_starts.jsonl has one line per
-round as it begins ({"round", "t_start"}), for readers that act during a
-round (the throttle schedule); metrics.jsonl gets a round only at its end.
+Under Flotilla it runs hosted (flotilla.runtime.serverapp): its round
+records (accuracy, loss, each device's training seconds, samples, steps,
+status under the policy) go to the host's observer, which merges them with
+what it saw on the grid and writes metrics.jsonl, round_starts.jsonl and
+the exporter, as for any app. The app itself adds devices.jsonl (capability
+reports) and weights.npz to the run record (FLOTILLA_RECORD_DIR).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from flotilla.app.grid import FleetGrid
 from flotilla.app.strategy import AutoPlanner, FleetAuto, FleetFedAvg, wait_for_fleet
+from flotilla.contracts import RECORD_DIR_ENV, BuiltinConfig, RecordPaths
 
 app = ServerApp()
 
@@ -56,26 +59,25 @@ def query_capabilities(grid: FleetGrid, expected: int, wait_s: float) -> list[di
     return out
 
 
-def make_strategy(cfg, expected: int, caps: list[dict], on_round_start=None) -> FleetFedAvg:
+def make_strategy(cfg: BuiltinConfig, expected: int, caps: list[dict], on_round_start=None) -> FleetFedAvg:
     """FedAvg for policies none/manual (every device, equal footing); FleetAuto for auto."""
     common = dict(
         expected_devices=expected,
-        fleet_wait_s=float(cfg.get("fleet-wait-s", 60)),
+        fleet_wait_s=cfg.fleet_wait_s,
         on_round_start=on_round_start,
-        fraction_train=float(cfg["fraction-train"]),
+        fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,  # evaluation is central: no evaluate messages, no round-trip
-        min_train_nodes=int(cfg["min-devices"]),
-        min_available_nodes=int(cfg["min-devices"]),
+        min_train_nodes=cfg.min_devices,
+        min_available_nodes=cfg.min_devices,
     )
-    if str(cfg.get("policy", "manual")) != "auto":
+    if cfg.policy != "auto":
         return FleetFedAvg(**common)
-    planner = AutoPlanner(batch_size=int(cfg["batch-size"]), lr=float(cfg["lr"]),
-                          local_epochs=float(cfg["local-epochs"]), deadline_factor=float(cfg["deadline-factor"]))
+    planner = AutoPlanner(batch_size=cfg.batch_size, lr=cfg.lr, local_epochs=cfg.local_epochs,
+                          deadline_factor=cfg.deadline_factor)
     for c in caps:
         planner.add_capability(c["name"], c["class"], c.get("cpus"), c.get("memory"), c.get("throughput_sps"),
                                c.get("partition_size"))
-    return FleetAuto(planner=planner, proximal_mu=float(cfg.get("proximal-mu", 0.0)),
-                     train_ahead=bool(int(cfg.get("train-ahead", 0))), **common)
+    return FleetAuto(planner=planner, proximal_mu=cfg.proximal_mu, train_ahead=bool(cfg.train_ahead), **common)
 
 
 def round_capabilities(server_round: int, devices: list[dict], last: dict[str, dict], t: float) -> list[dict]:
@@ -100,42 +102,27 @@ def main(grid: Grid, context: Context) -> None:
 
     from flotilla.app.task import Net, evaluate, get_weights, set_weights, to_tensors
     from flotilla.data import load_test
-
-    from flotilla.engine_tuning import shorten_pull_backoff
+    from flotilla.runtime.engine_tuning import shorten_pull_backoff
+    from flotilla.runtime.serverapp import active
 
     shorten_pull_backoff()  # replies are pulled while their SuperNode may still be pushing them
-    cfg = context.run_config
-    policy = str(cfg.get("policy", "manual"))
-    torch.manual_seed(int(cfg.get("seed", 0)))
-    out_dir = Path(str(cfg["output-dir"])) if cfg.get("output-dir") else None
-    if out_dir is not None:
-        from flotilla.app.serverlog import tee_to
+    cfg = BuiltinConfig.from_flower(context.run_config)
+    torch.manual_seed(cfg.seed)
+    record = os.environ.get(RECORD_DIR_ENV)
+    paths = RecordPaths(Path(record)) if record else None
+    observer = active()
+    expected = cfg.expected_devices or cfg.min_devices
+    fleet = FleetGrid(grid, poll_s=0.1, lost_file=paths.lost_devices if paths else None)
 
-        tee_to(out_dir / "logs" / "serverapp.log")
-    metrics_path = out_dir / "metrics.jsonl" if out_dir else None
-    expected = int(cfg.get("expected-devices", 0)) or int(cfg["min-devices"])
-    fleet = FleetGrid(grid, poll_s=0.1, lost_file=out_dir / "lost_devices.json" if out_dir else None)
-
-    exporter = None
-    if int(cfg.get("metrics-port", 0)):
-        from flotilla.monitor.metrics import FlotillaExporter
-
-        exporter = FlotillaExporter(run_id=str(cfg.get("run-id", "")), job=str(cfg.get("job-name", "")))
-        exporter.serve(int(cfg["metrics-port"]))
-
-    caps = query_capabilities(fleet, expected, float(cfg.get("fleet-wait-s", 60)))
+    caps = query_capabilities(fleet, expected, cfg.fleet_wait_s)
     for cap in caps:
-        _append(out_dir / "devices.jsonl" if out_dir else None, cap)
+        _append(paths.devices if paths else None, cap)
 
-    x_test, y_test = to_tensors(
-        *load_test(str(cfg["dataset"]), str(cfg.get("data-path", "")) or None, float(cfg["test-fraction"]),
-                   int(cfg["partition-seed"]))
-    )
+    x_test, y_test = to_tensors(*load_test(cfg.dataset, cfg.data_path or None, cfg.test_fraction, cfg.partition_seed))
     model = Net()
     keys, _ = get_weights(model)
-    strategy = make_strategy(cfg, expected, caps,
-                             on_round_start=lambda r, t: _append(out_dir / "round_starts.jsonl" if out_dir else None,
-                                                                 {"round": r, "t_start": t}))
+    # The host's observer writes round starts for every app; without one (plain `flwr run`), nothing is written.
+    strategy = make_strategy(cfg, expected, caps)
     strategy.node_names = fleet.node_names
     strategy.device_classes = {c["name"]: c["class"] for c in caps}
     last_caps = {c["name"]: c for c in caps}
@@ -154,16 +141,15 @@ def main(grid: Grid, context: Context) -> None:
             "devices": devices,
             "failures": strategy.round_failures.get(server_round, 0),
             "lost": [d["name"] for d in devices if d["status"] == "lost"],
-            "policy": policy, "deadline_s": info.get("deadline_s"),
+            "policy": cfg.policy, "deadline_s": info.get("deadline_s"),
         }
         for k in ("planned_round_s", "left_out"):
             if k in info:
                 record[k] = info[k]
-        _append(metrics_path, record)
+        if observer is not None:
+            observer.round_detail(server_round, record)
         for row in round_capabilities(server_round, devices, last_caps, t_end):
-            _append(out_dir / "devices.jsonl" if out_dir else None, row)
-        if exporter:
-            exporter.observe_round(record)
+            _append(paths.devices if paths else None, row)
         print(f"[flotilla] round {server_round}: accuracy={acc:.4f} loss={loss:.4f}", flush=True)
         return MetricRecord({"accuracy": acc, "loss": loss})
 
@@ -171,15 +157,13 @@ def main(grid: Grid, context: Context) -> None:
         result = strategy.start(
             grid=fleet,
             initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=int(cfg["num-server-rounds"]),
-            timeout=float(cfg.get("round-timeout-s", 600)),
-            train_config=ConfigRecord({"seed": int(cfg.get("seed", 0))}),
+            num_rounds=cfg.num_server_rounds,
+            timeout=cfg.round_timeout_s,
+            train_config=ConfigRecord({"seed": cfg.seed}),
             evaluate_fn=central_evaluate,
         )
     finally:
         fleet.close()
-    if out_dir is not None and result.arrays is not None:
-        np.savez(out_dir / "weights.npz", **dict(zip(keys, result.arrays.to_numpy_ndarrays())))
+    if paths is not None and result.arrays is not None:
+        np.savez(paths.weights, **dict(zip(keys, result.arrays.to_numpy_ndarrays())))
     print(f"[flotilla] done in {time.time() - t_run:.1f}s", flush=True)
-    if exporter:
-        exporter.close()

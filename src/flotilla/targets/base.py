@@ -62,6 +62,14 @@ class Target(ABC):
         """Why a device ended, when the target can tell (e.g. killed by its memory limit)."""
         return None
 
+    def exit_code(self, run: RunRecord, device: str) -> int | None:
+        """A device's exit code, once it has exited (None while it runs or when the target cannot tell)."""
+        return None
+
+    def collect_outputs(self, run: RunRecord) -> None:
+        """Bring the files the apps wrote (their working directories) into the record's outputs/.
+        Targets whose working directories are the record's own (local, compose mounts) have nothing to do."""
+
     def resource_usage(self, run: RunRecord) -> list[dict]:
         """Per device: {"device", "device_class", "cpu_seconds_total", "memory_bytes", "memory_limit_bytes",
         "cpu_quota"}, for the metrics endpoint and the report. Targets whose engine exports it (cAdvisor) may

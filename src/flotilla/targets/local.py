@@ -1,10 +1,13 @@
 """The local target: the real Flower deployment engine as local processes.
 
-One `flower-superlink` and one device per plan entry (`python -m
-flotilla.device`: warm trainer + SuperNode), each in its own process group
-and, where the machine allows, its own cgroup holding the device's CPU and
-memory limits. Everything is on loopback with free ports; FLWR_HOME is the
-run's own. `down` works from any process from what `up` wrote to state.json.
+One SuperLink (`python -m flotilla.runtime.superlink`, flwr's own with its
+ServerApps hosted and observed) and one device per plan entry (`python -m
+flotilla.runtime.device`: a SuperNode, plus the warm trainer for the
+built-in app), each in its own process group and, where the machine allows,
+its own cgroup holding the device's CPU and memory limits. Everything is on
+loopback with free ports; FLWR_HOME is the run's own. Each process works in
+the record's outputs/<process> directory, so files an app writes land in the
+record. `down` works from any process from what `up` wrote to state.json.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from flotilla.device import flower_env
 from flotilla.plan import Plan, format_node_config
 from flotilla.runs import RunRecord
+from flotilla.runtime.commands import device_command, device_threads, flower_env, record_env, superlink_command
 from flotilla.targets.base import Federation, Target, TargetError
 
 
@@ -40,14 +43,6 @@ def wait_port(port: int, proc: subprocess.Popen | None, timeout: float, what: st
                 return
         time.sleep(0.1)
     raise TargetError(f"{what} did not open port {port} within {timeout:.0f} s; see {log}")
-
-
-def device_threads(cpus: float | None, n_devices: int) -> int:
-    """Torch threads for a device: its whole-CPU quota, or a fair share of this machine."""
-    ncpu = len(os.sched_getaffinity(0))
-    if cpus is not None:
-        return max(1, min(ncpu, int(cpus)))
-    return max(1, ncpu // max(1, n_devices))
 
 
 def pid_alive(pid: int) -> bool:
@@ -103,40 +98,53 @@ class LocalTarget(Target):
     # -- render: the commands, as a script a user could run by hand --------
     def render(self, plan: Plan, out_dir: Path) -> list[Path]:
         out_dir.mkdir(parents=True, exist_ok=True)
+        job = plan.job
+        env = " ".join(f"{k}={v}" for k, v in record_env("./run", run_id="", job_name=job.name,
+                                                          policy=job.heterogeneity.policy,
+                                                          accuracy_metric=job.metrics.accuracy,
+                                                          loss_metric=job.metrics.loss).items())
         lines = [
             "#!/usr/bin/env bash",
-            f"# Flotilla job {plan.job.name!r} on the local target, as plain commands.",
+            f"# Flotilla job {job.name!r} on the local target, as plain commands.",
             "set -euo pipefail",
-            "export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1",
-            "flower-superlink --insecure --disable-runtime-dependency-installation --host 127.0.0.1 --port 8000 &",
+            "export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
+            f"{env} {' '.join(superlink_command('python', host='127.0.0.1', port=8000))} &",
         ]
         for i, d in enumerate(plan.devices):
             limits = f" (limits: cpus={d.cpus}, memory={d.memory})" if d.cpus or d.memory else ""
             lines.append(f"# {d.name}{limits}")
-            lines.append(
-                f"python -m flotilla.device --name {d.name} --superlink 127.0.0.1:8000 --port {9100 + i} "
-                f"--insecure --node-config '{format_node_config(d.node_config())}' &"
-            )
+            cmd = self._device_command(plan, d, "127.0.0.1:8000", 9100 + i, "./run", python="python")
+            lines.append(" ".join(cmd[:-1]) + f" '{cmd[-1]}' &")
         lines.append("wait")
         path = out_dir / "run-local.sh"
         path.write_text("\n".join(lines) + "\n")
         path.chmod(0o755)
         return [path]
 
+    @staticmethod
+    def _device_command(plan: Plan, d, superlink: str, port: int, record: str, python: str) -> list[str]:
+        app = plan.app
+        return device_command(
+            python, name=d.name, device_class=d.device_class, superlink=superlink, port=port,
+            node_config=format_node_config(d.node_config()), threads=device_threads(d.cpus, len(plan.devices)),
+            trainer=app.builtin, preload_app=None if app.builtin else f"{record}/app", record_dir=record)
+
     # -- up ----------------------------------------------------------------
     def up(self, plan: Plan, run: RunRecord) -> Federation:
         from flotilla.sandbox.cgroups import DeviceCgroup, cgroups_available, group_name
 
-        env = flower_env()
-        env["FLWR_HOME"] = str(run.dir / "flwr")
+        job = plan.job
+        env = flower_env() | {"FLWR_HOME": str(run.dir / "flwr")}
         port = free_port()
-        state = run.write_state(superlink_port=port, groups={}, cgroups={}, device_pids={})
+        run.write_state(superlink_port=port, groups={}, cgroups={}, device_pids={})
         log = run.log_path("superlink")
         # No --database: the state lives as long as this run, in memory (sqlite's locking failed runs
         # under heavy load here: "database is locked").
-        cmd = ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-               "--host", "127.0.0.1", "--port", str(port)]
-        self.procs["superlink"] = self._spawn(cmd, env, log, None)
+        server_env = env | record_env(str(run.dir), run_id=run.run_id, job_name=job.name,
+                                      policy=job.heterogeneity.policy, accuracy_metric=job.metrics.accuracy,
+                                      loss_metric=job.metrics.loss)
+        cmd = superlink_command(sys.executable, host="127.0.0.1", port=port)
+        self.procs["superlink"] = self._spawn(cmd, server_env, log, None, _workdir(run, "superlink"))
         self._record(run, "superlink", self.procs["superlink"].pid, None)
         wait_port(port, self.procs["superlink"], 60, "flower-superlink", log)
 
@@ -149,22 +157,19 @@ class LocalTarget(Target):
             cg = None
             if enforce and (d.cpus is not None or d.memory is not None):
                 cg = DeviceCgroup.create(group_name(run.run_id, d.name), d.cpus, d.memory)
-            node_config = format_node_config(d.node_config())
-            cmd = [sys.executable, "-m", "flotilla.device", "--name", d.name, "--insecure",
-                   "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                   "--threads", str(device_threads(d.cpus, len(plan.devices))), "--node-config", node_config]
-            proc = self._spawn(cmd, env, run.log_path(d.name), cg)
+            cmd = self._device_command(plan, d, f"127.0.0.1:{port}", free_port(), str(run.dir), sys.executable)
+            proc = self._spawn(cmd, env, run.log_path(d.name), cg, _workdir(run, d.name))
             self.procs[d.name] = proc
             self._record(run, d.name, proc.pid, cg)
         return Federation(control_address=f"127.0.0.1:{port}", output_dir=str(run.dir))
 
     @staticmethod
-    def _spawn(cmd, env, log: Path, cg) -> subprocess.Popen:
+    def _spawn(cmd, env, log: Path, cg, cwd: Path) -> subprocess.Popen:
         with open(log, "ab") as fh:
             # own session: the whole tree (superexec, ClientApps) can be ended as a group;
             # preexec enters the cgroup before exec, so no child escapes the limits.
             return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True, preexec_fn=cg.enter if cg else None)
+                                    start_new_session=True, preexec_fn=cg.enter if cg else None, cwd=cwd)
 
     @staticmethod
     def _record(run: RunRecord, name: str, pid: int, cg) -> None:
@@ -184,8 +189,8 @@ class LocalTarget(Target):
             out[name] = "running" if alive else "exited"
         return out
 
-    def exit_code(self, name: str) -> int | None:
-        proc = self.procs.get(name)
+    def exit_code(self, run: RunRecord, device: str) -> int | None:
+        proc = self.procs.get(device)
         return proc.poll() if proc else None
 
     def resource_usage(self, run: RunRecord) -> list[dict]:
@@ -260,3 +265,11 @@ class LocalTarget(Target):
                 os.kill(int(entry.name), signal.SIGKILL)
             except (OSError, ValueError):
                 continue
+
+
+def _workdir(run: RunRecord, process: str) -> Path:
+    """A process's working directory: the record's outputs/<process> (what an app writes there is kept)."""
+    d = run.dir / "outputs" / process
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+

@@ -1,10 +1,14 @@
-"""One device: Flotilla's warm trainer plus a Flower SuperNode, as one process tree.
+"""One device: a Flower SuperNode (plus, for the built-in app, its warm trainer) as one process tree.
 
-`python -m flotilla.device --name pi-1 --superlink HOST:PORT --node-config '...'`
+`python -m flotilla.runtime.device --name pi-1 --class pi --superlink HOST:PORT --node-config '...'`
 is what every target runs per device: a local process group (inside the
-device's cgroup), or a container's entrypoint. It ends both children on
-SIGTERM/SIGINT and exits when either dies, so a dead trainer never leaves a
+device's cgroup), or a container's entrypoint. It ends its children on
+SIGTERM/SIGINT and exits when one dies, so a dead trainer never leaves a
 SuperNode that accepts work it cannot do.
+
+A user's app gets no Flotilla trainer: the SuperNode's fork server preloads
+the app's own ClientApp module (--preload-app), so each message runs the
+app's code in a fork that starts in milliseconds.
 """
 
 from __future__ import annotations
@@ -19,38 +23,35 @@ import time
 from pathlib import Path
 
 from flotilla.plan import format_node_config
-
-
-def flower_env() -> dict[str, str]:
-    """Environment for Flower processes: offline, no telemetry, the venv's bin on PATH."""
-    env = dict(os.environ)
-    bindir = str(Path(sys.executable).parent)
-    if bindir not in env.get("PATH", "").split(os.pathsep):
-        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    # superexec asks its SuperNode for new tasks every 1 s by default
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
-    return env
+from flotilla.runtime.commands import flower_env
+from flotilla.runtime.preload import PRELOAD_ENV
+from flotilla.runtime.supernode import DEVICE_CLASS_ENV, DEVICE_ENV, NODE_FILE_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Run one Flotilla device: warm trainer + Flower SuperNode")
+    ap = argparse.ArgumentParser(description="Run one Flotilla device: a Flower SuperNode (+ the built-in trainer)")
     ap.add_argument("--name", required=True)
+    ap.add_argument("--class", dest="device_class", default="")
     ap.add_argument("--superlink", required=True)
     ap.add_argument("--node-config", default="")
     ap.add_argument("--port", type=int, default=9094, help="the SuperNode's runtime API port")
-    ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--insecure", action="store_true")
     ap.add_argument("--root-certificates")
     ap.add_argument("--auth-private-key")
-    ap.add_argument("--auth-public-key", help="ignored: flwr >= 1.41 derives it from the private key")
-    ap.add_argument("--no-trainer", action="store_true", help="let each ClientApp process train by itself")
+    ap.add_argument("--trainer", action="store_true", help="the built-in app: run its warm trainer beside")
+    ap.add_argument("--threads", type=int, default=None, help="the trainer's torch threads")
+    ap.add_argument("--preload-app", help="a Flower App directory whose ClientApp the fork server imports once")
+    ap.add_argument("--record", help="the run record, where the device writes its Flower node id")
     args = ap.parse_args(argv)
 
-    env = flower_env()
-    children: list[subprocess.Popen] = []
+    env = flower_env() | {DEVICE_ENV: args.name, DEVICE_CLASS_ENV: args.device_class}
+    if args.preload_app:
+        env[PRELOAD_ENV] = args.preload_app
+    if args.record:
+        nodes = Path(args.record) / "nodes"
+        nodes.mkdir(parents=True, exist_ok=True)
+        env[NODE_FILE_ENV] = str(nodes / f"{args.name}.json")
+    children: list[tuple[str, subprocess.Popen]] = []
     stopping = False
 
     def stop(*_):
@@ -64,15 +65,15 @@ def main(argv: list[str] | None = None) -> int:
     sock = os.path.join(sock_dir, "trainer.sock")
     node_config = args.node_config
     try:
-        if not args.no_trainer:
+        if args.trainer:
             cmd = [sys.executable, "-m", "flotilla.app.trainer", "--socket", sock]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             # The SuperNode starts right away, in parallel (importing torch takes seconds on a small
             # CPU quota); a ClientApp that arrives before the trainer is ready waits for its socket.
-            children.append(subprocess.Popen(cmd, env=env))
+            children.append(("trainer", subprocess.Popen(cmd, env=env)))
             node_config = (node_config + " " + format_node_config({"trainer": sock})).strip()
-        cmd = [sys.executable, "-m", "flotilla.fast_supernode", "--superlink", args.superlink,
+        cmd = [sys.executable, "-m", "flotilla.runtime.supernode", "--superlink", args.superlink,
                "--port", str(args.port), "--node-config", node_config]
         if args.insecure:
             cmd.append("--insecure")
@@ -80,25 +81,24 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--root-certificates", args.root_certificates]
         if args.auth_private_key:
             cmd += ["--auth-supernode-private-key", args.auth_private_key]
-        children.append(subprocess.Popen(cmd, env=env))
-        print(f"flotilla device {args.name}: started (pids {[c.pid for c in children]})", flush=True)
+        children.append(("supernode", subprocess.Popen(cmd, env=env)))
+        print(f"flotilla device {args.name}: started (pids {[c.pid for _, c in children]})", flush=True)
         while not stopping:
-            dead = [c for c in children if c.poll() is not None]
-            if dead:
-                c = dead[0]
-                what = "trainer" if (not args.no_trainer and c is children[0]) else "supernode"
-                print(f"flotilla device {args.name}: {what} exited with code {c.returncode}", file=sys.stderr,
-                      flush=True)
-                return c.returncode or 1
+            for what, c in children:
+                if c.poll() is not None:
+                    print(f"flotilla device {args.name}: {what} exited with code {c.returncode}", file=sys.stderr,
+                          flush=True)
+                    return c.returncode or 1
             time.sleep(0.2)
         return 0
     finally:
-        _end(children)
+        _end([c for _, c in children])
         try:
             os.unlink(sock)
         except OSError:
             pass
-        os.rmdir(sock_dir) if os.path.isdir(sock_dir) and not os.listdir(sock_dir) else None
+        if os.path.isdir(sock_dir) and not os.listdir(sock_dir):
+            os.rmdir(sock_dir)
 
 
 def _end(children: list[subprocess.Popen]) -> None:
@@ -115,7 +115,7 @@ def _end(children: list[subprocess.Popen]) -> None:
     if os.getpgid(0) == os.getpid():  # we lead the group: sweep orphans (superexec outlives its SuperNode)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            os.killpg(0, signal.SIGKILL if False else signal.SIGTERM)
+            os.killpg(0, signal.SIGTERM)
         except ProcessLookupError:
             pass
 

@@ -1,0 +1,133 @@
+"""What the parts of Flotilla hand each other: record files and the words in them.
+
+Every writer and reader of a run record uses these names, so the driver,
+`status`, the live view, Prometheus, the report and the benchmarks count a
+device's round the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+class DeviceStatus:
+    """A device's part in one round (the `status` of a metrics.jsonl device row)."""
+
+    OK = "ok"  # replied with its work
+    PARTIAL = "partial"  # auto: stopped at its deadline with fewer steps than planned (its work still counts)
+    STALE = "stale"  # auto: a late reply from an earlier round, applied now
+    LATE = "late"  # the round stopped waiting for it (deadline, or the app's timeout)
+    BUSY = "busy"  # auto: still working on an earlier round's message, not sent one
+    ASYNC = "async"  # auto: sent work the round did not wait for (its reply comes as stale)
+    LOST = "lost"  # its process died or it stopped answering
+    FAILED = "failed"  # replied with an error (the ClientApp raised)
+    IDLE = "idle"  # took no part in training this round (e.g. evaluation only)
+
+    TRAINED = (OK, PARTIAL, STALE)  # its training reached the server this round
+    PROBLEMS = (LATE, LOST, FAILED)  # worth counting as failures (busy/async are by design)
+
+
+def trained(row: dict) -> bool:
+    return row.get("status", DeviceStatus.OK) in DeviceStatus.TRAINED
+
+
+@dataclass(frozen=True)
+class RecordPaths:
+    """The files of a run record, for processes that hold only its directory (the ServerApp, devices)."""
+
+    dir: Path
+
+    @property
+    def metrics(self) -> Path:  # one line per round
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def messages(self) -> Path:  # one line per message sent and per reply (observed)
+        return self.dir / "messages.jsonl"
+
+    @property
+    def round_starts(self) -> Path:  # one line per round as it begins
+        return self.dir / "round_starts.jsonl"
+
+    @property
+    def devices(self) -> Path:  # capability reports
+        return self.dir / "devices.jsonl"
+
+    @property
+    def lost_devices(self) -> Path:  # written by the driver: devices the server must not wait for
+        return self.dir / "lost_devices.json"
+
+    @property
+    def nodes(self) -> Path:  # <device>.json: the Flower node id each device got
+        return self.dir / "nodes"
+
+    @property
+    def weights(self) -> Path:  # the final global model
+        return self.dir / "weights.npz"
+
+    @property
+    def observed(self) -> Path:  # what the ServerApp's observer saw, written when the app ends
+        return self.dir / "observed.json"
+
+    @property
+    def outputs(self) -> Path:  # files the apps wrote in their working directories
+        return self.dir / "outputs"
+
+    @property
+    def logs(self) -> Path:
+        return self.dir / "logs"
+
+
+STAMP_KEY = "flotilla.observed"  # the ConfigRecord a Flotilla device adds to each reply (removed on the server)
+
+# Environment of Flotilla's Flower processes (set by every target).
+RECORD_DIR_ENV = "FLOTILLA_RECORD_DIR"  # the run record as the process sees it
+ACCURACY_KEY_ENV = "FLOTILLA_ACCURACY_METRIC"
+LOSS_KEY_ENV = "FLOTILLA_LOSS_METRIC"
+POLICY_ENV = "FLOTILLA_POLICY"
+METRICS_PORT_ENV = "FLOTILLA_METRICS_PORT"  # the ServerApp serves Prometheus metrics here (containers)
+RUN_ID_ENV = "FLOTILLA_RUN_ID"
+JOB_NAME_ENV = "FLOTILLA_JOB_NAME"
+
+
+@dataclass(frozen=True)
+class BuiltinConfig:
+    """The built-in app's run config, typed. Its FAB's pyproject declares the same keys and defaults
+    (tests/test_contracts.py holds them together); Flower's keys are these names with '-' for '_'."""
+
+    num_server_rounds: int = 5
+    dataset: str = "mnist-5k"
+    data_path: str = ""
+    partition: str = "iid"
+    alpha: float = 0.5
+    shards_per_device: int = 2
+    partition_seed: int = 42
+    test_fraction: float = 0.2
+    fraction_train: float = 1.0
+    min_devices: int = 2
+    expected_devices: int = 0
+    fleet_wait_s: float = 60.0
+    round_timeout_s: float = 600.0
+    batch_size: int = 32
+    lr: float = 0.02
+    local_epochs: float = 1.0
+    momentum: float = 0.9
+    policy: str = "manual"
+    deadline_factor: float = 1.5
+    proximal_mu: float = 0.0
+    train_ahead: int = 0
+    seed: int = 0
+
+    def to_flower(self) -> dict:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_flower(cls, cfg) -> "BuiltinConfig":
+        """From a Context.run_config: each value as its field's type; missing keys take the defaults."""
+        out = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key in cfg and cfg[key] not in (None, ""):
+                out[f.name] = type(getattr(cls, f.name))(cfg[key])
+        return cls(**out)

@@ -1,0 +1,513 @@
+"""Observe any Flower App from its ServerApp process, without touching the app.
+
+The ServerApp host (flotilla.runtime.serverapp) hands the app an
+`ObservingGrid` instead of Flower's HttpGrid. Every message the app sends
+and every reply it receives passes through it, so Flotilla records, per
+round and per device: when each message was sent and answered, the bytes
+down and up, the reply's metrics (its MetricRecords), errors, and the
+device-side timing stamp (compute time, CPU seconds) that the device's
+ClientApp runtime adds to each reply (flotilla.runtime.stamp) and that is
+removed here before the app sees the reply. Hooks on Flower's strategy loop
+(`Strategy.start`) and the legacy `History` add the app's own aggregates
+and its server-side (central) evaluation. Rounds go to the run record's
+metrics.jsonl in the same shape the built-in app's rounds have, so status,
+the live view, Prometheus and the report read every app alike.
+
+The grid also gives the app the engine's speed: HttpGrid's send_and_receive
+sleeps 3 s between pulls, this one 0.1 s; and a message to a device the
+driver reported lost is answered at once with Flower's own NODE_UNAVAILABLE
+error instead of being waited for until the app's timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from flotilla.contracts import STAMP_KEY, DeviceStatus, RecordPaths
+
+POLL_S = 0.1  # pulls while waiting for replies (HttpGrid: 3 s)
+LOST_CHECK_S = 1.0  # how often the lost-device list is re-read while waiting
+
+
+def _num(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def record_bytes(content: RecordDict | None) -> int:
+    """Payload bytes of a message: its arrays' serialized data (configs and metrics are noise beside them)."""
+    if content is None:
+        return 0
+    total = 0
+    for rec in content.values():
+        if isinstance(rec, ArrayRecord):
+            total += sum(len(a.data) for a in rec.values())
+    return total
+
+
+def reply_metrics(content: RecordDict) -> dict[str, float]:
+    """Every scalar in a reply's MetricRecords (keys kept as the app wrote them)."""
+    out: dict[str, float] = {}
+    for rec in content.values():
+        if isinstance(rec, MetricRecord):
+            for k, v in rec.items():
+                if (x := _num(v)) is not None:
+                    out[k] = x
+    return out
+
+
+def message_round(msg: Message, current: int) -> int:
+    """The round a message belongs to: group_id (legacy API and most loops) or the config's server-round
+    (Flower's Message-API strategies), else the round being observed."""
+    gid = msg.metadata.group_id
+    if gid and gid.isdigit():
+        return int(gid)
+    if msg.has_content():
+        for rec in msg.content.values():
+            if isinstance(rec, ConfigRecord) and isinstance(rec.get("server-round"), int):
+                return int(rec["server-round"])
+    return current
+
+
+def weighted_mean(rows: list[dict], weight_key: str = "num-examples") -> dict[str, float]:
+    """Flower's default aggregation of reply metrics: mean weighted by num-examples (plain mean without it)."""
+    keys = {k for r in rows for k in r if k != weight_key}
+    out = {}
+    for k in sorted(keys):
+        pairs = [(r[k], r.get(weight_key, 1.0)) for r in rows if k in r]
+        w = sum(max(0.0, p[1]) for p in pairs)
+        out[k] = sum(v * max(0.0, wt) for v, wt in pairs) / w if w > 0 else sum(v for v, _ in pairs) / len(pairs)
+    return out
+
+
+@dataclass
+class Exchange:
+    """One message and its reply."""
+
+    mid: str
+    round: int
+    kind: str  # Flower message type: train, evaluate, query, ...
+    node_id: int
+    sent: float
+    bytes_down: int
+    answered: float | None = None
+    bytes_up: int = 0
+    status: str = "pending"
+    metrics: dict = field(default_factory=dict)
+    stamp: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def row(self, name: str, cls: str) -> dict:
+        compute = _num(self.stamp.get("compute_s"))
+        row = {
+            "name": name, "class": cls, "node_id": self.node_id, "status": self.status,
+            "sent": round(self.sent, 4), "answered": round(self.answered, 4) if self.answered else None,
+            "reply_s": round(self.answered - self.sent, 4) if self.answered else None,
+            "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
+            "compute_s": round(compute, 4) if compute is not None else None,
+            "cpu_s": _num(self.stamp.get("cpu_s")), "metrics": self.metrics,
+        }
+        if self.error:
+            row["error"] = self.error
+        return row
+
+
+@dataclass
+class RoundObs:
+    number: int
+    t_start: float
+    exchanges: dict[str, Exchange] = field(default_factory=dict)
+    server_metrics: dict[str, float] = field(default_factory=dict)
+    app_metrics: dict[str, dict] = field(default_factory=dict)  # "train" / "evaluate": the app's own aggregates
+    detail: dict | None = None  # the built-in app's own round record (richer statuses), merged in
+    emitted: bool = False
+
+
+class Observer:
+    """Collects what the grid and the hooks see; writes rounds, messages, the final model and a summary."""
+
+    def __init__(self, record_dir: Path | None, accuracy_key: str = "accuracy", loss_key: str = "loss",
+                 policy: str = "", exporter=None) -> None:
+        self.paths = RecordPaths(Path(record_dir)) if record_dir else None
+        self.accuracy_key, self.loss_key, self.policy = accuracy_key, loss_key, policy
+        self.exporter = exporter
+        self.names: dict[int, tuple[str, str]] = {}  # node id -> (device name, class)
+        self.rounds: dict[int, RoundObs] = {}
+        self.current = 0
+        self.num_rounds: int | None = None  # what the app's strategy was started with, when it says
+        self.metrics_seen: dict[str, set[str]] = {"server": set(), "train": set(), "evaluate": set()}
+        self.final_arrays: ArrayRecord | None = None
+        self.last_sent_arrays: ArrayRecord | None = None
+        self.app_writes_rounds = False  # the built-in app hands its own round records to round_detail()
+        self._lock = threading.RLock()
+        self._exchanges: dict[str, Exchange] = {}
+        self._node_file_mtime = 0.0
+        self._closed = False
+
+    # -- names ---------------------------------------------------------------
+    def name_of(self, node_id: int) -> tuple[str, str]:
+        if node_id not in self.names:
+            self._read_node_files()
+        return self.names.get(node_id, (f"node-{node_id}", ""))
+
+    def _read_node_files(self) -> None:
+        """Devices write their node id where the record is shared (local, compose): names before any reply."""
+        if self.paths is None or not self.paths.nodes.is_dir():
+            return
+        try:
+            mtime = self.paths.nodes.stat().st_mtime
+        except OSError:
+            return
+        if mtime == self._node_file_mtime:
+            return
+        self._node_file_mtime = mtime
+        for f in self.paths.nodes.glob("*.json"):
+            try:
+                doc = json.loads(f.read_text())
+                self.names.setdefault(int(doc["node_id"]), (str(doc["device"]), str(doc.get("class", ""))))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+
+    def lost_devices(self) -> set[str]:
+        if self.paths is None:
+            return set()
+        try:
+            return set(json.loads(self.paths.lost_devices.read_text()))
+        except (OSError, ValueError):
+            return set()
+
+    # -- traffic -----------------------------------------------------------------
+    def sent(self, messages: list[Message], ids: list[str], t: float) -> None:
+        with self._lock:
+            for msg, mid in zip(messages, ids):
+                if not mid:
+                    continue
+                r = message_round(msg, self.current)
+                if r > self.current:
+                    self._emit_before(r)
+                    self.current = r
+                rnd = self._round(r, t)
+                ex = Exchange(mid, r, str(msg.metadata.message_type), msg.metadata.dst_node_id, t,
+                              record_bytes(msg.content if msg.has_content() else None))
+                self._exchanges[mid] = ex
+                rnd.exchanges[mid] = ex
+                if msg.has_content():
+                    for rec in msg.content.values():
+                        if isinstance(rec, ArrayRecord):
+                            self.last_sent_arrays = rec
+                self._log({"event": "sent", "mid": mid, "round": r, "type": ex.kind, "node_id": ex.node_id,
+                           "device": self.name_of(ex.node_id)[0], "t": round(t, 4), "bytes_down": ex.bytes_down})
+
+    def received(self, reply: Message, t: float) -> None:
+        """A reply pulled for the app: note it, and take Flotilla's stamp off it."""
+        with self._lock:
+            ex = self._exchanges.pop(reply.metadata.reply_to_message_id, None)
+            stamp = {}
+            if reply.has_content() and STAMP_KEY in reply.content:
+                stamp = dict(reply.content[STAMP_KEY])
+                del reply.content[STAMP_KEY]
+            if stamp.get("device"):
+                self.names[reply.metadata.src_node_id] = (str(stamp["device"]), str(stamp.get("class", "")))
+            if ex is None:
+                return
+            ex.answered, ex.stamp = t, stamp
+            if reply.has_error():
+                ex.status, ex.error = DeviceStatus.FAILED, str(reply.error.reason)[:300]
+            else:
+                ex.status = DeviceStatus.OK
+                ex.bytes_up = record_bytes(reply.content)
+                ex.metrics = reply_metrics(reply.content)
+                self.metrics_seen["evaluate" if ex.kind == "evaluate" else "train"].update(ex.metrics)
+            self._log_reply(ex)
+
+    def given_up(self, mid: str, status: str, reason: str, t: float) -> None:
+        with self._lock:
+            ex = self._exchanges.pop(mid, None)
+            if ex is None:
+                return
+            ex.status, ex.error, ex.answered = status, reason, None
+            self._log_reply(ex, t)
+
+    def _log_reply(self, ex: Exchange, t: float | None = None) -> None:
+        name, cls = self.name_of(ex.node_id)
+        self._log({"event": "reply", "mid": ex.mid, "round": ex.round, "type": ex.kind} | ex.row(name, cls)
+                  | ({"t": round(t, 4)} if t else {}))
+
+    # -- hooks ------------------------------------------------------------------
+    def server_evaluated(self, server_round: int, metrics: dict | None, loss: float | None = None,
+                         done: bool = False) -> None:
+        """The app's central evaluation of round `server_round` (0: the initial model)."""
+        with self._lock:
+            rnd = self._round(server_round, time.time())
+            if metrics:
+                rnd.server_metrics.update({k: x for k, v in dict(metrics).items() if (x := _num(v)) is not None})
+            if loss is not None and _num(loss) is not None:
+                rnd.server_metrics.setdefault("loss", float(loss))
+            self.metrics_seen["server"].update(rnd.server_metrics)
+            if done or server_round == 0:
+                self._emit(rnd)
+
+    def aggregated(self, server_round: int, kind: str, metrics: dict | None, done: bool = False) -> None:
+        """The app's own aggregate of a round's train or evaluate replies."""
+        with self._lock:
+            rnd = self._round(server_round, time.time())
+            if metrics:
+                rnd.app_metrics[kind] = {k: x for k, v in dict(metrics).items() if (x := _num(v)) is not None}
+            if done:
+                self._emit(rnd)
+
+    def round_detail(self, server_round: int, record: dict) -> None:
+        """The built-in app's own record of a round: merged with what was observed, then written."""
+        with self._lock:
+            self.app_writes_rounds = True
+            rnd = self._round(server_round, record.get("t_start") or time.time())
+            rnd.detail = record
+            self._emit(rnd)
+
+    # -- rounds -------------------------------------------------------------------
+    def _round(self, r: int, t: float) -> RoundObs:
+        if r not in self.rounds:
+            self.rounds[r] = RoundObs(r, t)
+            if r >= 1 and self.paths is not None:
+                _append(self.paths.round_starts, {"round": r, "t_start": t})
+        return self.rounds[r]
+
+    def _emit_before(self, r: int) -> None:
+        if self.app_writes_rounds:
+            return
+        for n in sorted(self.rounds):
+            if n < r:
+                self._emit(self.rounds[n])
+
+    def _emit(self, rnd: RoundObs) -> None:
+        if rnd.emitted:
+            return
+        if rnd.number >= 1 and not rnd.exchanges and rnd.detail is None:
+            return  # nothing was sent in it (e.g. a strategy's round that sampled no one): not a round
+        rnd.emitted = True
+        row = self.round_row(rnd)
+        if self.paths is not None:
+            _append(self.paths.metrics, row)
+        if self.exporter is not None:
+            self.exporter.observe_round(row)
+
+    def round_row(self, rnd: RoundObs) -> dict:
+        t_end = time.time()
+        devices: dict[str, dict] = {}
+        failures = 0
+        evals, trains = [], []
+        for ex in sorted(rnd.exchanges.values(), key=lambda e: e.sent):
+            name, cls = self.name_of(ex.node_id)
+            if ex.kind == "evaluate":
+                d = devices.setdefault(name, _missing_device(name, cls, ex.node_id))
+                d["evaluate"] = {"status": ex.status, "reply_s": ex.row(name, cls)["reply_s"],
+                                 "compute_s": ex.row(name, cls)["compute_s"], "metrics": ex.metrics}
+                if ex.status == DeviceStatus.OK:
+                    evals.append(ex.metrics)
+                continue
+            if ex.kind != "train":
+                continue
+            row = ex.row(name, cls)
+            if ex.status == "pending":  # still out when the round ended (the app stopped waiting)
+                row["status"] = DeviceStatus.LATE
+            trained = row["status"] == DeviceStatus.OK
+            if row["status"] == DeviceStatus.FAILED:
+                failures += 1
+            samples = int(ex.metrics.get("num-examples", 0)) if trained else 0
+            train_s = row["compute_s"] or 0.0
+            row |= {"train_s": train_s, "samples": samples,
+                    "throughput_sps": round(samples / train_s, 2) if trained and train_s > 0 and samples else None}
+            devices[name] = devices.get(name, {}) | row if name in devices else row
+            if trained:
+                trains.append(ex.metrics)
+        evaluate = rnd.app_metrics.get("evaluate") or (weighted_mean(evals) if evals else {})
+        train = rnd.app_metrics.get("train") or (weighted_mean(trains) if trains else {})
+        acc, acc_src = _pick(self.accuracy_key, rnd.server_metrics, evaluate, train)
+        loss, _ = _pick(self.loss_key, rnd.server_metrics, evaluate, train)
+        ends = [e.answered for e in rnd.exchanges.values() if e.answered]
+        row = {
+            "round": rnd.number, "accuracy": acc, "loss": loss, "accuracy_source": acc_src,
+            "t_start": rnd.t_start, "t_end": max(ends) if ends and rnd.number >= 1 else t_end,
+            "devices": list(devices.values()), "failures": failures,
+            "lost": [d["name"] for d in devices.values() if d["status"] in (DeviceStatus.LOST, DeviceStatus.LATE)],
+            "policy": self.policy, "server_metrics": rnd.server_metrics, "train_metrics": train,
+            "evaluate_metrics": evaluate,
+            "bytes_down": sum(e.bytes_down for e in rnd.exchanges.values()),
+            "bytes_up": sum(e.bytes_up for e in rnd.exchanges.values()),
+        }
+        row["t_end"] = max(row["t_end"], t_end) if rnd.server_metrics and rnd.number >= 1 else row["t_end"]
+        row["wall_s"] = round(row["t_end"] - row["t_start"], 4)
+        if rnd.detail is not None:
+            row = merge_detail(row, rnd.detail)
+        return row
+
+    # -- the end ----------------------------------------------------------------
+    def strategy_finished(self, arrays: ArrayRecord | None) -> None:
+        if arrays is not None:
+            self.final_arrays = arrays
+
+    def close(self, error: str | None = None) -> None:
+        """Write what is still open: the last rounds, the final model, the summary of what was seen."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if not self.app_writes_rounds:
+                for n in sorted(self.rounds):
+                    self._emit(self.rounds[n])
+            if self.paths is None:
+                return
+            arrays = self.final_arrays or self.last_sent_arrays
+            if arrays is not None and not self.paths.weights.exists():
+                save_arrays(self.paths.weights, arrays)
+            trained = [r for r in self.rounds.values() if r.number >= 1 and r.emitted]
+            doc = {"rounds_run": max((r.number for r in trained), default=0), "num_rounds": self.num_rounds,
+                   "metrics_seen": {k: sorted(v) for k, v in self.metrics_seen.items()},
+                   "accuracy_metric": self.accuracy_key, "weights": arrays is not None, "error": error,
+                   "t": time.time()}
+            tmp = self.paths.observed.with_suffix(".tmp")
+            tmp.write_text(json.dumps(doc, indent=2))
+            tmp.replace(self.paths.observed)
+
+    def _log(self, row: dict) -> None:
+        if self.paths is not None:
+            _append(self.paths.messages, row)
+
+
+def _pick(key: str, *sources: dict) -> tuple[float | None, str | None]:
+    for name, src in zip(("server", "evaluate", "train"), sources):
+        if key in src:
+            return src[key], name
+    return None, None
+
+
+def _missing_device(name: str, cls: str, node_id: int) -> dict:
+    return {"name": name, "class": cls, "node_id": node_id, "status": DeviceStatus.IDLE, "train_s": 0.0,
+            "samples": 0, "throughput_sps": None}
+
+
+def merge_detail(observed: dict, detail: dict) -> dict:
+    """The built-in app's round record, with what the grid saw added to each device (bytes, reply times)."""
+    seen = {d["name"]: d for d in observed["devices"]}
+    devices = []
+    for d in detail.get("devices", []):
+        o = seen.get(d.get("name"), {})
+        devices.append({k: v for k, v in o.items() if k not in ("status", "train_s", "samples", "throughput_sps",
+                                                                 "metrics")} | d)
+    out = observed | {k: v for k, v in detail.items() if k != "devices"}
+    out["devices"] = devices
+    if detail.get("accuracy") is not None:
+        out["accuracy_source"] = "server"  # the app's own record: its central evaluation
+    return out
+
+
+def save_arrays(path: Path, arrays: ArrayRecord) -> None:
+    import numpy as np
+
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **{k: a.numpy() for k, a in arrays.items()})
+    tmp.replace(path)
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row, default=str) + "\n")
+
+
+class ObservingGrid(Grid):
+    """Flower's Grid, observed: what the app sends and receives is recorded; replies are pulled every POLL_S."""
+
+    def __init__(self, grid: Grid, observer: Observer, poll_s: float = POLL_S) -> None:
+        self._grid, self.observer, self.poll_s = grid, observer, poll_s
+
+    # the abstract Grid API, delegated
+    def set_run(self, run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self):
+        return self._grid.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._grid.get_node_ids()
+
+    def get_nodes(self):
+        return self._grid.get_nodes()
+
+    def __getattr__(self, name):  # anything else HttpGrid has (close, ...)
+        return getattr(self._grid, name)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = [str(i) for i in self._grid.push_messages(messages)]
+        self.observer.sent(messages, ids, time.time())
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        t = time.time()
+        for r in replies:
+            self.observer.received(r, t)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """HttpGrid's semantics (replies until all are in or `timeout`), pulling every poll_s, and Flower's
+        NODE_UNAVAILABLE error at once for a message whose device the driver reported lost."""
+        messages = list(messages)
+        ids = list(self.push_messages(messages))
+        by_id = {mid: m for mid, m in zip(ids, messages) if mid}
+        pending = set(by_id)
+        end = time.time() + timeout if timeout is not None else None
+        replies: list[Message] = []
+        last_lost_check = 0.0
+        while pending:
+            got = list(self.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            now = time.time()
+            if not pending:
+                break
+            if end is not None and now >= end:
+                for mid in pending:
+                    self.observer.given_up(mid, DeviceStatus.LATE, f"no reply within the app's timeout ({timeout} s)",
+                                           now)
+                break
+            if now - last_lost_check >= LOST_CHECK_S:
+                last_lost_check = now
+                replies += self._answer_for_lost(pending, by_id, now)
+            time.sleep(self.poll_s)
+        return replies
+
+    def _answer_for_lost(self, pending: set[str], by_id: dict[str, Message], now: float) -> list[Message]:
+        lost = self.observer.lost_devices()
+        if not lost:
+            return []
+        out = []
+        for mid in list(pending):
+            msg = by_id[mid]
+            name = self.observer.name_of(msg.metadata.dst_node_id)[0]
+            if name in lost:
+                pending.discard(mid)
+                reason = f"Flotilla: device {name} is lost (its process exited or stopped answering)"
+                self.observer.given_up(mid, DeviceStatus.LOST, reason, now)
+                out.append(node_unavailable_reply(msg, reason))
+        return out
+
+
+def node_unavailable_reply(msg: Message, reason: str) -> Message:
+    """The reply Flower's SuperLink itself gives for a message to an offline node."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=reason), reply_to=msg)

@@ -1,0 +1,102 @@
+"""Preload the user's ClientApp module into the device's fork server.
+
+A ClientApp process normally starts Python, imports flwr, then the app and
+everything it imports (torch, scikit-learn): seconds per message, tens of
+seconds inside a small CPU quota. The fork server imports the app once
+(`FLOTILLA_PRELOAD_APP`: an app directory with its pyproject.toml), so each
+message's ClientApp is a fork that finds the module, and its imports,
+already in memory; flwr's loader reuses a module already in sys.modules.
+
+The preloaded module comes from the app directory the device was given, the
+ClientApp's code from the FAB Flower delivers. `forget_if_changed` compares
+the two and drops the preloaded modules when the FAB's files differ (the
+user edited the app since the device started), so a fork never runs stale
+code; it then imports the FAB's code itself, as flwr would.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+PRELOAD_ENV = "FLOTILLA_PRELOAD_APP"
+PRELOADED: dict[str, Path] = {}  # module name -> its file, for modules loaded from the app directory
+APP_DIR: Path | None = None
+
+
+def clientapp_module(app_dir: Path) -> str:
+    doc = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    ref = doc["tool"]["flwr"]["app"]["components"]["clientapp"]
+    return ref.partition(":")[0]
+
+
+def preload(app_dir: str | None = None) -> str | None:
+    """Import the app's ClientApp module (in the fork server). Returns its name, or None (with a reason printed)."""
+    global APP_DIR
+    app_dir = app_dir or os.environ.get(PRELOAD_ENV)
+    if not app_dir:
+        return None
+    d = Path(app_dir).resolve()
+    t0 = time.perf_counter()
+    try:
+        module = clientapp_module(d)
+        if str(d) not in sys.path:
+            sys.path.insert(0, str(d))
+        importlib.import_module(module)
+    except Exception as err:  # noqa: BLE001 - a broken preload must not stop the device: forks import it later
+        print(f"flotilla: could not preload the ClientApp from {d} ({type(err).__name__}: {err}); "
+              "each ClientApp imports it itself", file=sys.stderr, flush=True)
+        return None
+    APP_DIR = d
+    for name, mod in list(sys.modules.items()):
+        f = getattr(mod, "__file__", None)
+        if f and Path(f).resolve().is_relative_to(d):
+            PRELOADED[name] = Path(f).resolve()
+    print(f"flotilla: preloaded ClientApp module {module} ({len(PRELOADED)} app modules) in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return module
+
+
+def forget_if_changed(project_dir: str | Path) -> bool:
+    """Drop the preloaded app modules unless the FAB in project_dir has the same files. True if dropped."""
+    if APP_DIR is None or not PRELOADED:
+        return False
+    project_dir = Path(project_dir)
+    for path in PRELOADED.values():
+        fab_file = project_dir / path.relative_to(APP_DIR)
+        try:
+            same = fab_file.read_bytes() == path.read_bytes()
+        except OSError:
+            same = False
+        if not same:
+            for name in PRELOADED:
+                sys.modules.pop(name, None)
+            PRELOADED.clear()
+            return True
+    return False
+
+
+def check_before_load() -> bool:
+    """In a ClientApp fork: have flwr's app loader compare the FAB with the preloaded code first."""
+    if not PRELOADED:
+        return True
+    try:
+        import flwr.clientapp.utils as cu
+    except ImportError:
+        return False
+    shipped = getattr(cu, "load_app", None)
+    if shipped is None:
+        return False
+
+    def load_app(module_attribute_str, error_type, project_dir=None):
+        if project_dir is not None and forget_if_changed(project_dir):
+            print("flotilla: the app's code differs from what the device preloaded; importing the FAB's",
+                  file=sys.stderr, flush=True)
+        return shipped(module_attribute_str, error_type, project_dir)
+
+    cu.load_app = load_app
+    return True

@@ -1,0 +1,215 @@
+"""`flwr-serverapp`, hosted: any app's ServerApp, observed, with its output in the run record.
+
+The server-side SuperExec (flotilla.runtime.superexec) starts ServerApp tasks
+as `python -m flotilla.runtime.serverapp ARGS` instead of `flwr-serverapp
+ARGS`. This runs flwr's own `flwr_serverapp` after:
+- teeing the process's output into the record's logs/serverapp.log and
+  making the record's outputs/serverapp the working directory (files the app
+  writes land in the record);
+- handing the app an ObservingGrid (flwr.superlink.runtime.run_serverapp.run_
+  is wrapped) and hooking Flower's strategy loop and the legacy History, so
+  rounds, replies and the app's own evaluation reach metrics.jsonl for any app;
+- shortening the reply pull back-off (engine_tuning).
+The record directory comes from FLOTILLA_RECORD_DIR; without it the app runs
+observed for speed only and nothing is written.
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import os
+import sys
+from pathlib import Path
+
+from flotilla import contracts
+from flotilla.runtime.observer import Observer, ObservingGrid
+
+_active: Observer | None = None
+
+
+def active() -> Observer | None:
+    """The observer of this ServerApp process (None under plain `flwr run`)."""
+    return _active
+
+
+def wrap_grid(observer: Observer) -> bool:
+    """flwr's ServerApp runtime passes our grid to the app."""
+    import importlib
+
+    try:  # by module path: the package re-exports a function of the same name
+        rs = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+    except ImportError:
+        return False
+    shipped = getattr(rs, "run_", None)
+    if shipped is None or getattr(shipped, "_flotilla", False):
+        return shipped is not None
+
+    def run_(*args, **kwargs):
+        bound = inspect.signature(shipped).bind(*args, **kwargs)
+        bound.arguments["grid"] = ObservingGrid(bound.arguments["grid"], observer)
+        try:
+            return shipped(*bound.args, **bound.kwargs)
+        except BaseException as err:
+            observer.close(error=f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            observer.close()
+
+    run_._flotilla = True
+    rs.run_ = run_
+    return True
+
+
+def hook_strategy_loop(observer: Observer) -> bool:
+    """Flower's Message-API strategies (Strategy.start): their aggregates, central evaluation and final model."""
+    try:
+        from flwr.serverapp.strategy import Strategy
+    except ImportError:
+        return False
+    shipped = Strategy.start
+    if getattr(shipped, "_flotilla", False):
+        return True
+    sig = inspect.signature(shipped)
+    if not {"evaluate_fn", "num_rounds"} <= set(sig.parameters):
+        return False
+
+    def start(self, *args, **kwargs):
+        bound = sig.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        evaluate_fn = bound.arguments.get("evaluate_fn")
+        observer.num_rounds = int(bound.arguments["num_rounds"])
+        if evaluate_fn is not None:
+            def observed_evaluate(server_round, arrays):
+                res = evaluate_fn(server_round, arrays)
+                observer.server_evaluated(server_round, dict(res) if res else None, done=True)
+                return res
+
+            bound.arguments["evaluate_fn"] = observed_evaluate
+        train, evaluate = self.aggregate_train, self.aggregate_evaluate
+
+        def aggregate_train(server_round, replies):
+            arrays, metrics = train(server_round, replies)
+            observer.aggregated(server_round, "train", dict(metrics) if metrics else None)
+            return arrays, metrics
+
+        def aggregate_evaluate(server_round, replies):
+            metrics = evaluate(server_round, replies)
+            observer.aggregated(server_round, "evaluate", dict(metrics) if metrics else None,
+                                done=evaluate_fn is None)
+            return metrics
+
+        self.aggregate_train, self.aggregate_evaluate = aggregate_train, aggregate_evaluate
+        try:
+            result = shipped(*bound.args, **bound.kwargs)
+        finally:
+            del self.aggregate_train, self.aggregate_evaluate
+        observer.strategy_finished(getattr(result, "arrays", None))
+        return result
+
+    start._flotilla = True
+    Strategy.start = start
+    return True
+
+
+def hook_legacy_history(observer: Observer) -> bool:
+    """The older server_fn / ServerAppComponents API records its rounds in a History: observe that."""
+    try:
+        from flwr.server.history import History
+        from flwr.server.server import Server
+    except ImportError:
+        return False
+    if getattr(History.add_loss_centralized, "_flotilla", False):
+        return True
+    names = ("add_loss_centralized", "add_metrics_centralized", "add_loss_distributed", "add_metrics_distributed",
+             "add_metrics_distributed_fit")
+    if not all(hasattr(History, n) for n in names) or not hasattr(Server, "fit"):
+        return False
+    eval_is_last = {"value": False}  # fraction_evaluate == 0: central evaluation ends the round
+
+    def wrap(name, on_call):
+        shipped = getattr(History, name)
+
+        def hooked(self, server_round, value):
+            shipped(self, server_round, value)
+            on_call(int(server_round), value)
+
+        hooked._flotilla = True
+        setattr(History, name, hooked)
+
+    wrap("add_loss_centralized", lambda r, v: observer.server_evaluated(r, None, loss=v, done=eval_is_last["value"]))
+    wrap("add_metrics_centralized", lambda r, v: observer.server_evaluated(r, v, done=eval_is_last["value"]))
+    wrap("add_loss_distributed", lambda r, v: observer.aggregated(r, "evaluate", {"loss": v}, done=True))
+    wrap("add_metrics_distributed", lambda r, v: observer.aggregated(
+        r, "evaluate", (observer.rounds[r].app_metrics.get("evaluate", {}) if r in observer.rounds else {}) | dict(v),
+        done=True))
+    wrap("add_metrics_distributed_fit", lambda r, v: observer.aggregated(r, "train", v))
+
+    shipped_fit = Server.fit
+
+    def fit(self, num_rounds, timeout):
+        observer.num_rounds = int(num_rounds)
+        eval_is_last["value"] = getattr(self.strategy, "fraction_evaluate", None) == 0
+        out = shipped_fit(self, num_rounds, timeout)
+        try:
+            from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays  # noqa: F401
+            from flwr.app import ArrayRecord
+
+            observer.strategy_finished(ArrayRecord(parameters_to_ndarrays(self.parameters)))
+        except Exception:  # noqa: BLE001 - the final model is a bonus; the run's outcome stands
+            pass
+        return out
+
+    Server.fit = fit
+    return True
+
+
+def make_observer() -> Observer:
+    record = os.environ.get(contracts.RECORD_DIR_ENV)
+    exporter = None
+    port = int(os.environ.get(contracts.METRICS_PORT_ENV, "0") or 0)
+    if port:
+        from flotilla.monitor.metrics import FlotillaExporter
+
+        exporter = FlotillaExporter(run_id=os.environ.get(contracts.RUN_ID_ENV, ""),
+                                    job=os.environ.get(contracts.JOB_NAME_ENV, ""))
+        exporter.serve(port)
+    return Observer(Path(record) if record else None,
+                    accuracy_key=os.environ.get(contracts.ACCURACY_KEY_ENV, "accuracy"),
+                    loss_key=os.environ.get(contracts.LOSS_KEY_ENV, "loss"),
+                    policy=os.environ.get(contracts.POLICY_ENV, ""), exporter=exporter)
+
+
+def main() -> None:
+    global _active
+    from flotilla.runtime.engine_tuning import shorten_pull_backoff
+
+    record = os.environ.get(contracts.RECORD_DIR_ENV)
+    if record:
+        from flotilla.runtime.serverlog import tee_to
+
+        paths = contracts.RecordPaths(Path(record))
+        tee_to(paths.logs / "serverapp.log")
+        work = paths.outputs / "serverapp"
+        work.mkdir(parents=True, exist_ok=True)
+        os.chdir(work)
+    observer = _active = make_observer()
+    atexit.register(observer.close)  # a stop (SIGTERM) ends through flwr's exit handlers and sys.exit
+    for ok, what in ((wrap_grid(observer), "observe the app's grid"),
+                     (hook_strategy_loop(observer), "observe Flower's strategy loop"),
+                     (hook_legacy_history(observer), "observe the legacy server loop"),
+                     (shorten_pull_backoff(), "shorten the reply pull back-off")):
+        if not ok:
+            print(f"flotilla: could not {what} for this flwr version; running it as shipped", file=sys.stderr,
+                  flush=True)
+    from flwr.superlink.cli import flwr_serverapp
+
+    sys.argv[0] = "flwr-serverapp"
+    flwr_serverapp()
+
+
+if __name__ == "__main__":
+    # run the module's own copy: the app finds the observer through `flotilla.runtime.serverapp.active()`
+    from flotilla.runtime.serverapp import main as _main
+
+    _main()

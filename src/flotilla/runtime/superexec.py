@@ -1,0 +1,231 @@
+"""`flower-superexec` with Flotilla's executor: warm ClientApp forks, hosted ServerApps.
+
+Flower's SuperExec starts every task as a fresh process (`flwr-clientapp`,
+`flwr-serverapp`): a Python start plus `import flwr` and the app's imports,
+measured at 3 s on 1.0 CPU and 18 s on 0.125 CPU, for every message. That
+cost, not training, dominated a round on small devices. This entry point
+runs flwr's unmodified SuperExec loop with its executor (flwr's Executor
+protocol: launch/reconcile/close) replaced:
+- ClientApp tasks start through a multiprocessing fork server that has
+  already imported flwr's ClientApp runtime and, where the device was given
+  its app (FLOTILLA_PRELOAD_APP), the user's ClientApp module with its imports
+  (flotilla.runtime.preload). Each task is still its own process running
+  flwr's `run_clientapp` with its own task token, as Flower intends; it just
+  starts in milliseconds. Its reply carries the observation stamp
+  (flotilla.runtime.stamp).
+- ServerApp tasks run as `python -m flotilla.runtime.serverapp`, flwr's own
+  `flwr-serverapp` observed and writing into the run record.
+Other task types, and any flwr that lacks the pieces this relies on, go to
+flwr's SubprocessExecutor.
+
+The fork server is a child of the SuperExec (same process group and cgroup,
+so the device's limits and teardown cover it and its forks); it exits when
+the SuperExec does.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
+
+# Imported by the fork server once; every ClientApp fork shares them.
+PRELOAD = [
+    "flwr.supernode.runtime.run_clientapp",
+    "flwr.supercore.tls",
+    "flotilla.runtime.stamp",
+    "flotilla.runtime.superexec",
+]
+BUILTIN_PRELOAD = "flotilla.app.client_app"
+FORK_ENV = "FLOTILLA_FORK_CLIENTAPPS"
+ROLE_ENV = "FLOTILLA_SUPEREXEC_ROLE"  # "client" (a SuperNode's) or "server" (the SuperLink's)
+
+
+def fork_preload() -> list[str]:
+    from flotilla.runtime.preload import PRELOAD_ENV
+
+    extra = ["flotilla.runtime.preload_app"] if os.environ.get(PRELOAD_ENV) else [BUILTIN_PRELOAD]
+    return PRELOAD + extra
+
+
+def run_clientapp_task(address: str, token: str, insecure: bool, root_certificates_path: str | None,
+                       parent_pid: int | None, runtime_dependency_install: bool, launched_at: float = 0.0) -> None:
+    """What `flwr-clientapp --token ...` does, inside a fork of the warm process."""
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    from flotilla.runtime.engine_tuning import shorten_pull_backoff
+    from flotilla.runtime.preload import check_before_load
+    from flotilla.runtime.stamp import stamp_replies
+
+    shorten_pull_backoff()  # the task's message arrays may still be on their way to the SuperNode
+    stamp_replies(launched_at)
+    check_before_load()
+    sys.argv = ["flwr-clientapp"]  # flwr names its exit telemetry event after argv[0]
+    run_clientapp(
+        runtime_api_address=address,
+        token=token,
+        insecure=insecure,
+        certificates=validate_and_resolve_root_certificates(root_certificates_path, insecure),
+        parent_pid=parent_pid,
+        runtime_dependency_install=runtime_dependency_install,
+    )
+
+
+def task_args(spec, command: list[str]) -> list[str]:
+    """The arguments flwr's SubprocessExecutor gives a task process, after `command`."""
+    from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG
+
+    args = [*command, TASK_TYPE_TO_APPIO_API_ADDRESS_ARG[spec.task_type], spec.runtime_api_address,
+            "--token", spec.token]
+    if spec.insecure:
+        args.append("--insecure")
+    elif spec.root_certificates_path is not None:
+        args += ["--root-certificates", spec.root_certificates_path]
+    if spec.parent_pid is not None:
+        args += ["--parent-pid", str(spec.parent_pid)]
+    if spec.runtime_dependency_install:
+        args.append("--allow-runtime-dependency-installation")
+    return args
+
+
+def make_executor_class():
+    """FlotillaExecutor, built on flwr's SubprocessExecutor (imported late: flwr is heavy)."""
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import LaunchResult
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+    class FlotillaExecutor(SubprocessExecutor):
+        """ClientApps as forks of a pre-imported server, ServerApps hosted; anything else as flwr does."""
+
+        def __init__(self, preload: list[str] | None = None) -> None:
+            self._ctx = None
+            self._preload = fork_preload() if preload is None else preload
+            self._live: list[multiprocessing.process.BaseProcess] = []
+            self._servers: list[subprocess.Popen] = []
+
+        def _fork_context(self):
+            if self._ctx is None:
+                from multiprocessing import forkserver
+
+                self._ctx = multiprocessing.get_context("forkserver")
+                self._ctx.set_forkserver_preload(self._preload)
+                forkserver.ensure_running()
+                print(f"flotilla: ClientApps start as forks of a warm process ({', '.join(self._preload)})",
+                      file=sys.stderr, flush=True)
+            return self._ctx
+
+        def warm_up(self) -> None:
+            """Start the fork server now: the first task should not pay for its imports."""
+            self._fork_context()
+
+        def launch(self, spec):
+            if spec.task_type == TaskType.SERVER_APP:
+                # flwr keeps a ServerApp's output off the SuperLink's (it uploads its logs); the host also
+                # tees it into the record's logs/serverapp.log
+                quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL} if spec.suppress_output else {}
+                self._servers.append(subprocess.Popen(
+                    task_args(spec, [sys.executable, "-m", "flotilla.runtime.serverapp"]), **quiet))
+                return LaunchResult.accepted()
+            if spec.task_type != TaskType.CLIENT_APP or spec.suppress_output:
+                return super().launch(spec)
+            try:
+                proc = self._fork_context().Process(
+                    target=run_clientapp_task,
+                    args=(spec.runtime_api_address, spec.token, spec.insecure, spec.root_certificates_path,
+                          spec.parent_pid, spec.runtime_dependency_install, time.time()),
+                    name=f"flwr-clientapp-{spec.task_id}",
+                )
+                proc.start()
+            except Exception as err:  # noqa: BLE001 (a broken fork server must not end the SuperExec)
+                print(f"flotilla: fork server failed ({err!r}); starting flwr-clientapp instead",
+                      file=sys.stderr, flush=True)
+                return super().launch(spec)
+            self._live.append(proc)
+            return LaunchResult.accepted()
+
+        def reconcile(self) -> None:
+            self._live = [p for p in self._live if p.is_alive()]  # is_alive() reaps finished ones
+            self._servers = [p for p in self._servers if p.poll() is None]
+
+        def close(self) -> None:
+            for p in self._live:
+                if p.is_alive():
+                    p.terminate()
+            for p in self._servers:
+                if p.poll() is None:
+                    p.terminate()
+            for p in self._live:
+                p.join(5)
+            for p in self._servers:
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+    return FlotillaExecutor
+
+
+def patch_executor(client_side: bool) -> bool:
+    """Make flwr's SuperExec use Flotilla's executor where it would use subprocesses."""
+    try:
+        from flwr.supercore.constant import ExecutorType
+        from flwr.supercore.superexec import run_superexec as rs
+        from flwr.supercore.superexec.executor import types
+
+        executor_cls = make_executor_class()
+    except ImportError:
+        return False
+    if not callable(getattr(rs, "get_executor", None)) or not hasattr(types, "ExecutionSpec"):
+        return False
+    shipped = rs.get_executor
+
+    def get_executor(executor_type, executor_config=None, **kwargs):
+        if executor_type == ExecutorType.SUBPROCESS and executor_config is None:
+            ex = executor_cls()
+            if client_side:
+                ex.warm_up()
+            return ex
+        return shipped(executor_type, executor_config, **kwargs)
+
+    rs.get_executor = get_executor
+    return True
+
+
+def _forget_main_module() -> None:
+    """Keep forks from re-running this module as their __main__.
+
+    multiprocessing hands each child the parent's main module to import as
+    __mp_main__ (for pickled functions defined there). Ours are pickled by
+    module name, so the children need none of it.
+    """
+    main_module = sys.modules["__main__"]
+    main_module.__spec__ = None
+    if hasattr(main_module, "__file__"):
+        del main_module.__file__
+
+
+def main() -> None:
+    _forget_main_module()
+    from flotilla.runtime.engine_tuning import WAKE_FD_ENV, superexec_waits_for_wakeups
+
+    client_side = os.environ.get(ROLE_ENV, "client") == "client"
+    if os.environ.get(WAKE_FD_ENV) and not superexec_waits_for_wakeups():
+        print("flotilla: could not make the SuperExec wait for its SuperNode's wake-ups; it polls",
+              file=sys.stderr, flush=True)
+    if os.environ.get(FORK_ENV, "1") != "0" and not patch_executor(client_side):
+        print("flotilla: could not install Flotilla's executor for this flwr version; "
+              "tasks start as separate processes, unobserved", file=sys.stderr, flush=True)
+    from flwr.supercore.cli import flower_superexec
+
+    sys.argv[0] = "flower-superexec"
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    # run the module's own copy: the fork server unpickles run_clientapp_task by module name
+    from flotilla.runtime.superexec import main as _main
+
+    _main()
