@@ -90,7 +90,7 @@ def test_ctrl_c_cleans_up(job_file, tmp_path):
     wait_until(lambda: (run / "metrics.jsonl").exists(), 300, "round 0")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 130  # stopped (0 completed, 1 failed, 2 bad input)
     s = last_json(out)
     assert s["status"] == "stopped" and "SIGINT" in s["error"]
     assert processes_of(run) == []

@@ -43,6 +43,13 @@ class BuildResult:
     size_bytes: int | None  # None when the image was pushed, not loaded
 
 
+IMAGE_APPS_DIR = "/opt/flotilla/apps"  # `flotilla images build --app PATH` copies the app here (devices preload it)
+
+
+def image_app_dir(app_name: str) -> str:
+    return f"{IMAGE_APPS_DIR}/{app_name}"
+
+
 def default_image(registry: str | None = None) -> str:
     """The image every target runs unless told otherwise: tags carry the version."""
     name = f"{IMAGE_NAME}:{flotilla.__version__}"

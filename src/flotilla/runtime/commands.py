@@ -97,8 +97,8 @@ def device_command(python: str = "python", *, name: str, device_class: str, supe
         cmd.append("--insecure")
     if trainer:
         cmd.append("--trainer")
-        if threads:
-            cmd += ["--threads", str(threads)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     if preload_app:
         cmd += ["--preload-app", preload_app]
     if record_dir:
@@ -106,9 +106,15 @@ def device_command(python: str = "python", *, name: str, device_class: str, supe
     return cmd + ["--node-config", node_config]
 
 
-def device_threads(cpus: float | None, n_devices: int, host_cpus: int | None = None) -> int:
-    """Compute threads for a device: its whole-CPU quota, or a fair share of the host."""
+def device_threads(cpus: float | None, n_devices: int = 1, host_cpus: int | None = None) -> int:
+    """Compute threads for a device: its whole-CPU quota, or a fair share of the host it shares with
+    n_devices. host_cpus: this machine's by default; for a device on a host of its own (swarm, k8s) whose
+    size is unknown here, its quota (or 1)."""
     ncpu = host_cpus or len(os.sched_getaffinity(0))
     if cpus is not None:
         return max(1, min(ncpu, int(cpus)))
     return max(1, ncpu // max(1, n_devices))
+
+
+def remote_device_threads(cpus: float | None) -> int:
+    return device_threads(cpus, 1, host_cpus=max(1, int(cpus or 1)))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from flotilla.plan import format_node_config
 from flotilla.runtime.commands import flower_env
-from flotilla.runtime.preload import PRELOAD_ENV
+from flotilla.runtime.preload import PRELOAD_ENV, THREADS_ENV
 from flotilla.runtime.supernode import DEVICE_CLASS_ENV, DEVICE_ENV, NODE_FILE_ENV
 
 
@@ -39,12 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--root-certificates")
     ap.add_argument("--auth-private-key")
     ap.add_argument("--trainer", action="store_true", help="the built-in app: run its warm trainer beside")
-    ap.add_argument("--threads", type=int, default=None, help="the trainer's torch threads")
+    ap.add_argument("--threads", type=int, default=None, help="compute threads (the device's CPU quota)")
     ap.add_argument("--preload-app", help="a Flower App directory whose ClientApp the fork server imports once")
     ap.add_argument("--record", help="the run record, where the device writes its Flower node id")
     args = ap.parse_args(argv)
 
     env = flower_env() | {DEVICE_ENV: args.name, DEVICE_CLASS_ENV: args.device_class}
+    if args.threads:
+        # BLAS and OpenMP pools sized to the quota, not the host: oversubscribed threads under a CFS
+        # quota stall each other (where the user set these, theirs stand)
+        env[THREADS_ENV] = str(args.threads)
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, str(args.threads))
     if args.preload_app:
         env[PRELOAD_ENV] = args.preload_app
     if args.record:

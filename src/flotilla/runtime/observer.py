@@ -113,7 +113,8 @@ class Exchange:
             "reply_s": round(self.answered - self.sent, 4) if self.answered else None,
             "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
             "compute_s": round(compute, 4) if compute is not None else None,
-            "cpu_s": _num(self.stamp.get("cpu_s")), "metrics": self.metrics,
+            "cpu_s": _num(self.stamp.get("cpu_s")), "queued_s": _num(self.stamp.get("queued_s")),
+            "metrics": self.metrics,
         }
         if self.error:
             row["error"] = self.error

@@ -129,9 +129,11 @@ def hook_legacy_history(observer: Observer) -> bool:
 
     def wrap(name, on_call):
         shipped = getattr(History, name)
+        sig = inspect.signature(shipped)
 
-        def hooked(self, server_round, value):
-            shipped(self, server_round, value)
+        def hooked(self, *args, **kwargs):
+            shipped(self, *args, **kwargs)
+            server_round, value = list(sig.bind(self, *args, **kwargs).arguments.values())[1:3]
             on_call(int(server_round), value)
 
         hooked._flotilla = True

@@ -25,14 +25,15 @@ from pathlib import Path
 import yaml
 
 from flotilla.images.build import default_image
-from flotilla.plan import DevicePlan, Plan, format_node_config
+from flotilla.plan import Plan, format_node_config
 from flotilla.runs import RunRecord
+from flotilla.runtime.commands import (
+    DEVICE_PORT, FLOWER_ENV, METRICS_PORT, SUPERLINK_PORT, device_command, device_threads, record_env,
+    superlink_command,
+)
 from flotilla.targets.base import Federation, Target, TargetError
 
-SUPERLINK_PORT = 8000  # inside the network: Fleet, Control and runtime APIs on one port
-DEVICE_PORT = 9094  # each device's SuperNode runtime API, inside its own container
-METRICS_PORT = 9400  # the ServerApp's Prometheus exporter, in the superlink container
-RUN_MOUNT = "/flotilla/run"  # the run directory inside the superlink container (ServerApp output-dir)
+RUN_MOUNT = "/flotilla/run"  # the run directory inside every container (the ServerApp writes the record there)
 STATE_MOUNT = "/state"
 LABEL = "io.flotilla"
 PROJECT_LABEL = "com.docker.compose.project"
@@ -69,12 +70,6 @@ def project_name(run_id: str) -> str:
 # -- rendering ------------------------------------------------------------------------
 
 
-def _device_threads(d: DevicePlan, n_devices: int) -> int:
-    from flotilla.targets.local import device_threads
-
-    return device_threads(d.cpus, n_devices)
-
-
 def _labels(run_id: str | None, role: str, device: DevicePlan | None = None) -> dict[str, str]:
     labels = {f"{LABEL}.role": role}
     if run_id:
@@ -109,8 +104,7 @@ def compose_document(
     run_dir: host directory mounted at RUN_MOUNT for the ServerApp's records.
     """
     job = plan.job
-    base_env = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+    app = plan.app
     data_volumes = []
     if job.data.dataset == "mnist" and job.data.path is not None:
         # Same path inside as outside: the run config's data-path is valid in every container.
@@ -119,18 +113,21 @@ def compose_document(
     # mnist-5k and digits need no volume: the image holds their extracted cache (see images/Dockerfile).
 
     services: dict[str, dict] = {}
+    run_mount = {"type": "bind", "source": run_dir, "target": RUN_MOUNT, "bind": {"create_host_path": True}}
     services["superlink"] = {
         "image": image,
         "init": True,  # tini as PID 1: forwards SIGTERM, reaps the ServerApp processes superexec leaves behind
-        "command": ["flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                    "--database", f"{STATE_MOUNT}/state.db", "--host", "0.0.0.0", "--port", str(SUPERLINK_PORT)],
-        "environment": base_env | {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"},
+        "command": superlink_command(database=f"{STATE_MOUNT}/state.db"),
+        "working_dir": f"{RUN_MOUNT}/outputs/superlink",
+        "environment": FLOWER_ENV | record_env(RUN_MOUNT, run_id=run_id or "", job_name=job.name,
+                                               policy=job.heterogeneity.policy, accuracy_metric=job.metrics.accuracy,
+                                               loss_metric=job.metrics.loss, metrics_port=METRICS_PORT),
         "ports": [{"target": SUPERLINK_PORT, "host_ip": "127.0.0.1", "protocol": "tcp",
                    **({"published": str(host_port)} if host_port != 0 else {})}],
         "expose": [str(METRICS_PORT)],
         "volumes": [
             {"type": "volume", "source": "superlink-state", "target": STATE_MOUNT},
-            {"type": "bind", "source": run_dir, "target": RUN_MOUNT, "bind": {"create_host_path": True}},
+            run_mount,
             *data_volumes,
         ],
         "healthcheck": {
@@ -143,21 +140,23 @@ def compose_document(
         "labels": _labels(run_id, "superlink"),
     }
     for d in plan.devices:
+        # One host: every device mounts the record (its node id, its working directory, the app to preload).
         svc: dict = {
             "image": image,
             "init": True,
             "hostname": d.name,
-            "command": ["python", "-m", "flotilla.device", "--name", d.name,
-                        "--superlink", f"superlink:{SUPERLINK_PORT}", "--port", str(DEVICE_PORT), "--insecure",
-                        "--threads", str(_device_threads(d, len(plan.devices))),
-                        "--node-config", format_node_config(d.node_config())],
-            "environment": dict(base_env),
+            "command": device_command(
+                name=d.name, device_class=d.device_class, superlink=f"superlink:{SUPERLINK_PORT}",
+                port=DEVICE_PORT, node_config=format_node_config(d.node_config()),
+                threads=device_threads(d.cpus, len(plan.devices)), trainer=app.builtin,
+                preload_app=None if app.builtin else f"{RUN_MOUNT}/app", record_dir=RUN_MOUNT),
+            "working_dir": f"{RUN_MOUNT}/outputs/{d.name}",
+            "environment": dict(FLOWER_ENV),
             "depends_on": {"superlink": {"condition": "service_healthy"}},
             "stop_grace_period": "5s",
             "labels": _labels(run_id, "device", d),
+            "volumes": [run_mount, *data_volumes],
         }
-        if data_volumes:
-            svc["volumes"] = list(data_volumes)
         limits = {}
         if d.cpus is not None:
             limits["cpus"] = str(d.cpus)
@@ -230,17 +229,15 @@ def _compose_bytes(n: int) -> str:
 
 
 def _header(plan: Plan, run_id: str | None) -> str:
-    cfg = plan.run_config() | {"output-dir": RUN_MOUNT, "metrics-port": METRICS_PORT,
-                               "expected-devices": len(plan.devices), "job-name": plan.job.name}
-    if run_id:
-        cfg["run-id"] = run_id
+    cfg = plan.run_config()
+    app = "<flotilla>/app/fab" if plan.app.builtin else str(plan.app.dir)
     return "\n".join([
         f"# Flotilla job {plan.job.name!r}: SuperLink + {len(plan.devices)} devices"
         + (f" (run {run_id})" if run_id else "") + ". Generated: edit the job file, not this.",
         "#   docker compose up -d --wait                      # SuperLink on 127.0.0.1:${FLOTILLA_SUPERLINK_PORT:-8000}",
         "#   docker compose --profile monitoring up -d --wait # + cAdvisor, Prometheus :9090, Grafana :3000",
-        "#   flwr run <flotilla>/app/fab <superlink> --run-config \\",
-        f"#     '{format_node_config(cfg)}'",
+        f"#   flwr run {app} <superlink>" + (" --run-config \\" if cfg else ""),
+        *([f"#     '{format_node_config(cfg)}'"] if cfg else []),
         "#   docker compose down -v                           # remove containers, network and state volume",
         "",
     ])
@@ -276,6 +273,9 @@ class ComposeTarget(Target):
                                   job_name="flotilla")
         if run_dir == "./run":
             (out_dir / "run").mkdir(exist_ok=True)  # where the ServerApp's records land when run by hand
+            if not plan.app.builtin and not (out_dir / "run" / "app").exists():  # what the devices preload
+                shutil.copytree(plan.app.dir, out_dir / "run" / "app",
+                                ignore=shutil.ignore_patterns("__pycache__", ".venv", "*.pyc", "runs"))
         return files
 
     # -- up -------------------------------------------------------------------------
@@ -339,9 +339,9 @@ class ComposeTarget(Target):
             out[name] = _STATE_MAP.get(c["State"]["Status"], "starting") if c else "stopped"
         return out
 
-    def exit_code(self, name: str) -> int | None:
+    def exit_code(self, run: RunRecord, device: str) -> int | None:
         """Exit code of an exited device container, from the last device_states() look."""
-        c = self._ps_cache[2].get(name) if self._ps_cache else None
+        c = self._ps_cache[2].get(device) if self._ps_cache else None
         if c is None or c["State"]["Status"] not in ("exited", "dead"):
             return None
         return int(c["State"]["ExitCode"])

@@ -35,26 +35,21 @@ from pathlib import Path
 
 import yaml
 
+from flotilla.images.build import image_app_dir
 from flotilla.job import DeviceClass
 from flotilla.plan import DevicePlan, Plan, format_node_config
 from flotilla.runs import RunRecord
+from flotilla.runtime.commands import (
+    DEVICE_PORT, FLOWER_ENV, METRICS_PORT, SUPERLINK_PORT, DeviceTls, ServerTls, device_command, record_env,
+    remote_device_threads, superlink_command,
+)
 from flotilla.targets.base import Federation, Target, TargetError
 
-SUPERLINK_PORT = 8000
-METRICS_PORT = 9400
-DEVICE_RUNTIME_PORT = 9094
 TLS_MOUNT = "/etc/flotilla/tls"
 KEYS_MOUNT = "/etc/flotilla/supernode"
 RECORDS_MOUNT = "/records"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "flotilla"}
 CLASS_LABEL = "flotilla.dev/device-class"
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
-    "PYTHONUNBUFFERED": "1",
-}
 # uname / docker spellings -> the kubernetes.io/arch label's values
 K8S_ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
             "armv7l": "arm", "armhf": "arm", "arm": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
@@ -181,14 +176,8 @@ class K8sRenderer:
                 "metadata": _meta(self.data_claim(), self.ns, self.job.name, "data"), "spec": spec}
 
     def superlink_args(self) -> list[str]:
-        args = ["flower-superlink"]
-        if self.tls:
-            args += ["--ssl-ca-certfile", f"{TLS_MOUNT}/ca.crt", "--ssl-certfile", f"{TLS_MOUNT}/superlink.crt",
-                     "--ssl-keyfile", f"{TLS_MOUNT}/superlink.key", "--enable-supernode-auth"]
-        else:
-            args.append("--insecure")
-        return args + ["--disable-runtime-dependency-installation", "--database", "/state/state.db",
-                       "--host", "0.0.0.0", "--port", str(SUPERLINK_PORT)]
+        tls = ServerTls(f"{TLS_MOUNT}/ca.crt", f"{TLS_MOUNT}/superlink.crt", f"{TLS_MOUNT}/superlink.key")
+        return superlink_command(tls=tls if self.tls else None, database="/state/state.db")
 
     def superlink(self) -> list[dict]:
         job = self.job.name
@@ -207,7 +196,10 @@ class K8sRenderer:
             "image": self.image,
             "imagePullPolicy": self.opts.image_pull_policy,
             "command": self.superlink_args(),
-            "env": _env(FLOWER_ENV),
+            "env": _env(FLOWER_ENV | record_env(RECORDS_MOUNT, run_id="", job_name=job, policy=self.job.heterogeneity.policy,
+                                                accuracy_metric=self.job.metrics.accuracy,
+                                                loss_metric=self.job.metrics.loss, metrics_port=METRICS_PORT)),
+            "workingDir": f"{RECORDS_MOUNT}/outputs/superlink",
             "ports": [{"name": "flower", "containerPort": SUPERLINK_PORT},
                       {"name": "metrics", "containerPort": METRICS_PORT}],
             "readinessProbe": {"tcpSocket": {"port": SUPERLINK_PORT}, "periodSeconds": 2},
@@ -269,20 +261,22 @@ class K8sRenderer:
 
     def device_script(self, cls: DeviceClass, first: DevicePlan) -> str:
         """Entrypoint: pod ordinal -> device name and partition id, then the device command."""
-        threads = max(1, int(cls.cpus)) if cls.cpus else 1
-        if self.tls:
-            tls = (f' --root-certificates {KEYS_MOUNT}/ca.crt --auth-private-key "{KEYS_MOUNT}/$NAME.key"'
-                   f' --auth-public-key "{KEYS_MOUNT}/$NAME.pub"')
-        else:
-            tls = " --insecure"
+        import shlex
+
+        app = self.plan.app
+        cmd = device_command(
+            name="@NAME@", device_class=cls.name, superlink=f"superlink:{SUPERLINK_PORT}", port=DEVICE_PORT,
+            node_config="@NODE_CONFIG@", threads=remote_device_threads(cls.cpus),
+            tls=DeviceTls(f"{KEYS_MOUNT}/ca.crt", f"{KEYS_MOUNT}/@NAME@.key") if self.tls else None,
+            trainer=app.builtin, preload_app=None if app.builtin else image_app_dir(app.name))
+        line = " ".join(shlex.quote(c) for c in cmd).replace("@NAME@", '"$NAME"').replace(
+            "@NODE_CONFIG@", '"partition-id=$PARTITION device=\\"$NAME\\" $FLOTILLA_NODE_CONFIG"')
         return (
             "set -e\n"
             'ORDINAL="${POD_NAME##*-}"\n'
             f'NAME="{cls.name}-$((ORDINAL + 1))"\n'
             f"PARTITION=$(({first.partition_id} + ORDINAL))\n"
-            'exec python -m flotilla.device --name "$NAME"'
-            f" --superlink superlink:{SUPERLINK_PORT} --port {DEVICE_RUNTIME_PORT} --threads {threads}{tls}"
-            ' --node-config "partition-id=$PARTITION device=\\"$NAME\\" $FLOTILLA_NODE_CONFIG"\n'
+            f"exec {line}\n"
         )
 
     def device_class(self, cls: DeviceClass) -> list[dict]:
@@ -329,7 +323,7 @@ class K8sRenderer:
             "apiVersion": "v1", "kind": "Service",
             "metadata": _meta(cls.name, self.ns, job, "device", extra),
             "spec": {"clusterIP": "None", "selector": _selector(job, "device", extra),
-                     "ports": [{"name": "runtime", "port": DEVICE_RUNTIME_PORT}]},
+                     "ports": [{"name": "runtime", "port": DEVICE_PORT}]},
         }
         sts = {
             "apiVersion": "apps/v1", "kind": "StatefulSet",
@@ -366,7 +360,6 @@ class K8sRenderer:
                 if d.device_class == cls.name:
                     nk = bundle.node(d.name)
                     keys[f"{d.name}.key"] = nk.private_key
-                    keys[f"{d.name}.pub"] = nk.public_key
             out[f"supernode-{cls.name}"] = keys
         return out
 

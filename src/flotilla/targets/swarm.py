@@ -40,24 +40,20 @@ from typing import Annotated
 import typer
 import yaml
 
+from flotilla.images.build import image_app_dir
 from flotilla.job import format_memory
 from flotilla.plan import DevicePlan, Plan, format_node_config
 from flotilla.runs import RunRecord
+from flotilla.runtime.commands import (
+    DEVICE_PORT, FLOWER_ENV, METRICS_PORT, SUPERLINK_PORT, DeviceTls, ServerTls, device_command, record_env,
+    remote_device_threads, superlink_command,
+)
 from flotilla.targets.base import Federation, Target, TargetError
 
-SUPERLINK_PORT = 8000
-DEVICE_PORT = 9094
-METRICS_PORT = 9400
-RUN_MOUNT = "/flotilla/run"  # the run directory in the SuperLink container (ServerApp output-dir)
+RUN_MOUNT = "/flotilla/run"  # the run directory in the SuperLink container (the ServerApp writes the record)
 SECRETS_DIR = "/run/secrets"
 NETWORK = "flotilla"
 LABEL = "io.flotilla"
-FLOWER_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "PYTHONUNBUFFERED": "1",
-}
 # job spellings -> what `node.platform.arch` holds (the engine's uname -m)
 SWARM_ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "x86-64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64",
               "arm": "armv7l", "armhf": "armv7l", "armv7": "armv7l", "armv7l": "armv7l", "ppc64le": "ppc64le",
@@ -129,8 +125,8 @@ class StackRenderer:
     """Plan + options -> a stack file (dict). Pure: no engine needed."""
 
     def __init__(self, plan: Plan, opts: SwarmOptions, bundle=None, run_dir: str | None = None,
-                 superlink_constraints: list[str] | None = None) -> None:
-        self.plan, self.opts, self.bundle = plan, opts, bundle
+                 superlink_constraints: list[str] | None = None, run_id: str = "") -> None:
+        self.plan, self.opts, self.bundle, self.run_id = plan, opts, bundle, run_id
         self.job = plan.job
         self.stack = opts.stack or self.job.name
         self.image = opts.image or _default_image(opts.registry)
@@ -172,7 +168,6 @@ class StackRenderer:
         for d in self.plan.devices:
             nk = b.node(d.name)
             files[f"{d.name}-key"] = nk.private_key
-            files[f"{d.name}-pub"] = nk.public_key
         # The content hash in the name: secrets are immutable, new certificates need new names.
         return {k: (f"{self.stack}_{k}-{_content_hash(p)}", Path(p)) for k, p in files.items()}
 
@@ -202,21 +197,20 @@ class StackRenderer:
         return labels
 
     def superlink_service(self) -> dict:
-        cmd = ["flower-superlink"]
-        if self.tls:
-            cmd += ["--ssl-ca-certfile", f"{SECRETS_DIR}/ca.crt", "--ssl-certfile", f"{SECRETS_DIR}/superlink.crt",
-                    "--ssl-keyfile", f"{SECRETS_DIR}/superlink.key", "--enable-supernode-auth"]
-        else:
-            cmd.append("--insecure")
-        cmd += ["--disable-runtime-dependency-installation", "--database", "/tmp/superlink-state.db",
-                "--host", "0.0.0.0", "--port", str(SUPERLINK_PORT)]
+        tls = ServerTls(f"{SECRETS_DIR}/ca.crt", f"{SECRETS_DIR}/superlink.crt", f"{SECRETS_DIR}/superlink.key")
+        cmd = superlink_command(tls=tls if self.tls else None, database="/tmp/superlink-state.db")
         records = self.run_dir or "./run"
+        job = self.job
         svc = {
             "image": self.image,
             "init": True,  # tini as PID 1: forwards SIGTERM, reaps ServerApp processes
             "hostname": "superlink",
             "command": cmd,
-            "environment": FLOWER_ENV | {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"},
+            "working_dir": f"{RUN_MOUNT}/outputs/superlink",
+            "environment": FLOWER_ENV | record_env(RUN_MOUNT, run_id=self.run_id, job_name=job.name,
+                                                   policy=job.heterogeneity.policy,
+                                                   accuracy_metric=job.metrics.accuracy,
+                                                   loss_metric=job.metrics.loss, metrics_port=METRICS_PORT),
             "ports": [{"target": SUPERLINK_PORT, "published": self.opts.port, "protocol": "tcp",
                        "mode": self.opts.publish_mode}],
             "networks": [NETWORK],
@@ -241,16 +235,13 @@ class StackRenderer:
         return svc
 
     def device_service(self, d: DevicePlan) -> dict:
-        threads = max(1, int(d.cpus)) if d.cpus else 1
-        cmd = ["python", "-m", "flotilla.device", "--name", d.name, "--superlink", f"superlink:{SUPERLINK_PORT}",
-               "--port", str(DEVICE_PORT), "--threads", str(threads)]
-        if self.tls:
-            cmd += ["--root-certificates", f"{SECRETS_DIR}/ca.crt",
-                    "--auth-private-key", f"{SECRETS_DIR}/supernode.key",
-                    "--auth-public-key", f"{SECRETS_DIR}/supernode.pub"]
-        else:
-            cmd.append("--insecure")
-        cmd += ["--node-config", format_node_config(d.node_config())]
+        app = self.plan.app
+        # Devices run on their own hosts: a user's app is preloaded from the image (`flotilla images build --app`).
+        cmd = device_command(
+            name=d.name, device_class=d.device_class, superlink=f"superlink:{SUPERLINK_PORT}", port=DEVICE_PORT,
+            node_config=format_node_config(d.node_config()), threads=remote_device_threads(d.cpus),
+            tls=DeviceTls(f"{SECRETS_DIR}/ca.crt", f"{SECRETS_DIR}/supernode.key") if self.tls else None,
+            trainer=app.builtin, preload_app=None if app.builtin else image_app_dir(app.name))
         deploy: dict = {
             "endpoint_mode": self.opts.endpoint_mode,
             "restart_policy": self._restart(),
@@ -279,8 +270,7 @@ class StackRenderer:
         if mounts := self._data_mounts():
             svc["volumes"] = mounts
         if self.tls:
-            svc["secrets"] = self._secret_refs(
-                {"ca-crt": "ca.crt", f"{d.name}-key": "supernode.key", f"{d.name}-pub": "supernode.pub"})
+            svc["secrets"] = self._secret_refs({"ca-crt": "ca.crt", f"{d.name}-key": "supernode.key"})
         return svc
 
     def document(self, devices: bool = True) -> dict:
@@ -428,7 +418,6 @@ class SwarmTarget(Target):
 
     def __init__(self, **options) -> None:
         self.opts = SwarmOptions(**options)
-        self._run: RunRecord | None = None  # the run device_states last looked at (for exit_code)
 
     def _bundle(self, plan: Plan):
         if self.opts.insecure:
@@ -466,7 +455,7 @@ class SwarmTarget(Target):
         bundle = self._bundle(plan)
         # The SuperLink writes the records into run.dir: it must run on this engine's node.
         r = StackRenderer(plan, self.opts, bundle, run_dir=str(run.dir),
-                          superlink_constraints=[f"node.id == {sw['NodeID']}"])
+                          superlink_constraints=[f"node.id == {sw['NodeID']}"], run_id=run.run_id)
         stacks = [s["Name"] for s in docker.json_lines("stack", "ls")]
         if r.stack in stacks:
             raise TargetError(f"stack {r.stack} is already deployed: a run of this job is active; "
@@ -543,7 +532,6 @@ class SwarmTarget(Target):
         st = run.state()
         names = st.get("devices") or [d["name"] for d in run.plan()["devices"]]
         stack = st.get("swarm_stack")
-        self._run = run
         if not stack or st.get("swarm_removed"):
             return {n: "stopped" for n in names}
         tasks = self._tasks(Docker(st.get("docker_host")), stack)
@@ -558,10 +546,8 @@ class SwarmTarget(Target):
             run.write_state(device_nodes=nodes)
         return states
 
-    def exit_code(self, name: str, run: RunRecord | None = None) -> int | None:
-        run = run or self._run
-        if run is None:
-            return None
+    def exit_code(self, run: RunRecord, device: str) -> int | None:
+        name = device
         st = run.state()
         docker = Docker(st.get("docker_host"))
         tasks = self._tasks(docker, st.get("swarm_stack", ""))

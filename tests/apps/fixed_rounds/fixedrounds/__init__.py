@@ -1,0 +1,1 @@
+"""fixed-rounds: A Flower / NumPy app whose round count is fixed in code."""

@@ -1,0 +1,1 @@
+"""msg-numpy: A Flower / NumPy app (Message API)."""

@@ -1,0 +1,1 @@
+"""sklearn-ints: A Flower / scikit-learn app (Message API)."""

@@ -1,0 +1,1 @@
+"""torch-quickstart: A Flower / PyTorch app."""
