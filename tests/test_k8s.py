@@ -168,7 +168,8 @@ def test_superlink_service_port_and_prometheus_annotations(tmp_path, jobs):
     labels = dep["spec"]["template"]["metadata"]["labels"]
     assert all(labels[k] == v for k, v in svc["spec"]["selector"].items())  # the Service selects the pod
     cmd = pod_spec(dep)["containers"][0]["command"]
-    assert cmd[0] == "flower-superlink" and "--disable-runtime-dependency-installation" in cmd
+    assert cmd[:3] == ["python", "-m", "flotilla.runtime.superlink"]  # flwr's SuperLink, its ServerApps observed
+    assert "--disable-runtime-dependency-installation" in cmd
     assert cmd[cmd.index("--port") + 1] == "8000" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
     cm = by_name(docs, "ConfigMap", "job")
     assert yaml.safe_load(cm["data"]["job.yaml"])["name"] == "edge"
@@ -182,7 +183,7 @@ def test_each_pod_becomes_the_plans_device(tmp_path, jobs):
     seen = {}
     for cls in job.devices:
         (c,) = pod_spec(by_name(docs, "StatefulSet", cls.name))["containers"]
-        script = c["command"][2].replace("exec python -m flotilla.device", "exec printf '%s\\n'")
+        script = c["command"][2].replace("exec python -m flotilla.runtime.device", "exec printf '%s\\n'")
         env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
         for ordinal in range(cls.count):
             pod = f"{cls.name}-{ordinal}"

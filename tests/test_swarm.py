@@ -288,7 +288,7 @@ def test_stack_follows_the_job(tmp_path, fleet):
         assert s["deploy"]["restart_policy"]["condition"] == "on-failure"
         assert s["deploy"]["endpoint_mode"] == "dnsrr"
         cmd = s["command"]
-        assert cmd[:3] == ["python", "-m", "flotilla.device"]
+        assert cmd[:3] == ["python", "-m", "flotilla.runtime.device"]
         assert cmd[cmd.index("--node-config") + 1] == format_node_config(d.node_config())
         assert cmd[cmd.index("--superlink") + 1] == "superlink:8000"
         assert s["volumes"][0] == {"type": "bind", "source": str(fleet.job.data.path),
@@ -314,7 +314,7 @@ def test_secrets_are_external_and_no_key_material_is_rendered(tmp_path, fleet):
     assert all(s["external"] is True and set(s) == {"external", "name"} for s in doc["secrets"].values())
     pi = doc["services"]["pi-1"]
     targets = {s["source"]: s["target"] for s in pi["secrets"]}
-    assert targets == {"ca-crt": "ca.crt", "pi-1-key": "supernode.key", "pi-1-pub": "supernode.pub"}
+    assert targets == {"ca-crt": "ca.crt", "pi-1-key": "supernode.key"}  # flwr derives the public key
     assert all(s["mode"] == 0o400 for s in pi["secrets"])
     assert "pi-2-key" not in targets  # a device gets its own key only
     sl = doc["services"]["superlink"]["command"]
