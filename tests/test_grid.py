@@ -11,7 +11,7 @@ import threading
 import time
 from types import SimpleNamespace
 
-from flotilla.app.grid import FleetGrid
+from flotilla.strategy.grid import FleetGrid
 
 
 def message(node: int) -> SimpleNamespace:

@@ -1,4 +1,4 @@
-"""Heterogeneity math of the auto policy: batch sizing, lr scaling, deadlines, steps, FedNova."""
+"""Heterogeneity math of the auto policy: batch sizing, lr scaling, deadlines, FedNova."""
 
 from __future__ import annotations
 
@@ -7,14 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from flotilla.app.hetero import (
-    DeviceObs,
-    DeviceWork,
+from flotilla.strategy.hetero import (
     fednova_aggregate,
     fednova_weights,
-    local_steps_for,
     memory_safe_batch_size,
-    plan_round,
     round_deadline,
     scale_lr,
     throughput,
@@ -106,27 +102,6 @@ def test_deadline_ignores_devices_that_never_answered():
         round_deadline([1.0], factor=0.5, floor_s=0.0)
 
 
-# -- local_steps_for ----------------------------------------------------------
-
-
-def test_steps_fit_the_deadline_and_are_capped_at_the_target():
-    # 100 samples/s, batch 10, 5 s -> 50 steps
-    assert local_steps_for(100.0, 10, 5.0, target_steps=200) == 50
-    assert local_steps_for(100.0, 10, 5.0, target_steps=20) == 20
-    assert local_steps_for(100.0, 10, 5.0, target_steps=200, overhead_s=3.0) == 20
-
-
-def test_zero_throughput_and_hopeless_deadlines_get_min_steps():
-    assert local_steps_for(0.0, 32, 10.0, target_steps=50) == 1
-    assert local_steps_for(0.0, 32, 10.0, target_steps=50, min_steps=3) == 3
-    assert local_steps_for(100.0, 32, 10.0, target_steps=50, overhead_s=12.0) == 1
-    assert local_steps_for(100.0, 32, 10.0, target_steps=2, min_steps=5) == 2  # min never exceeds the target
-
-
-def test_no_deadline_means_the_full_target():
-    assert local_steps_for(1.0, 32, math.inf, target_steps=50) == 50
-
-
 # -- FedNova ------------------------------------------------------------------
 
 
@@ -184,36 +159,3 @@ def test_fednova_rejects_inconsistent_input():
         fednova_weights([0, 0], [1, 1])
     with pytest.raises(ValueError, match="shape"):
         fednova_aggregate(_model(0.0, 0.0), [_model(1.0)], [1], [1])
-
-
-# -- plan_round ---------------------------------------------------------------
-
-
-def test_first_round_gives_everyone_the_full_target():
-    devs = [DeviceObs("big-1", None, None, 1000), DeviceObs("small-1", None, 400 * MiB, 1000)]
-    work = plan_round(devs, math.inf, batch_size=32, lr=0.05, local_epochs=1, bytes_per_sample=MiB, base_rss_bytes=200 * MiB)
-    assert work["big-1"] == DeviceWork(batch=32, steps=32, lr=0.05)  # ceil(1000 / 32)
-    # 0.7 * 400 - 200 = 80 MiB fits the 32 batch
-    assert work["small-1"] == DeviceWork(batch=32, steps=32, lr=0.05)
-
-
-def test_slow_and_small_devices_get_less_work_within_the_deadline():
-    devs = [
-        DeviceObs("fast-1", throughput_sps=1000.0, memory_limit=None, samples_available=1000),
-        DeviceObs("slow-1", throughput_sps=100.0, memory_limit=None, samples_available=1000, overhead_s=2.0),
-        DeviceObs("tiny-1", throughput_sps=1000.0, memory_limit=300 * MiB, samples_available=1000),
-    ]
-    work = plan_round(devs, 10.0, batch_size=32, lr=0.05, local_epochs=1, bytes_per_sample=MiB, base_rss_bytes=200 * MiB)
-    assert work["fast-1"] == DeviceWork(32, 32, 0.05)
-    assert work["slow-1"].steps == 25  # (10 - 2) s * 100 samples/s / 32
-    # tiny: 0.7 * 300 - 200 = 10 MiB -> power of two 8, lr scaled by 8/32, more steps per epoch
-    assert work["tiny-1"] == DeviceWork(batch=8, steps=125, lr=pytest.approx(0.0125))
-
-
-def test_plan_round_edge_cases_one_device_no_throughput_tiny_data():
-    work = plan_round(
-        [DeviceObs("only-1", 0.0, None, 5)], 30.0, batch_size=32, lr=0.1, local_epochs=2,
-        bytes_per_sample=MiB, base_rss_bytes=0,
-    )
-    # batch never exceeds the device's data; zero throughput -> one step
-    assert work == {"only-1": DeviceWork(batch=5, steps=1, lr=pytest.approx(0.1 * 5 / 32))}

@@ -15,16 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import FLOTILLA, cgroups_of, processes_of
-from flotilla.app.strategy import (
-    AutoPlanner,
-    Update,
-    aggregate_updates,
-    allocate,
-    reply_status,
-    sync_devices,
-    update_estimate,
-    update_steps,
-)
+from flotilla.strategy.aggregate import Update, aggregate_updates, reply_status, update_steps
+from flotilla.strategy.planner import AutoPlanner, allocate, sync_devices, update_estimate
 from flotilla.runs import RunRecord, read_jsonl
 from flotilla.sandbox.cgroups import DeviceCgroup
 from flotilla.throttle import Throttler

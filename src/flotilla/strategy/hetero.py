@@ -1,22 +1,18 @@
-"""Heterogeneity math for the `auto` policy: size each device's work per round.
+"""Heterogeneity math for the `auto` policy: pure functions on numbers and numpy arrays.
 
-Pure functions on numbers and numpy arrays (no torch, no flwr), so the
-ServerApp's strategy and the tests share them. The round loop is:
-
-  1. devices report throughput (samples/s) and round times;
-  2. `round_deadline` turns the times into a deadline (factor x median);
-  3. `plan_round` gives each device a batch that fits its memory
-     (`memory_safe_batch_size`), a learning rate for that batch (`scale_lr`)
-     and the local steps it can finish before the deadline (`local_steps_for`);
-  4. `fednova_aggregate` averages the results so that devices that took more
-     steps do not pull the model their way (FedNova, Wang et al. 2020).
+No torch, no flwr: the planner (flotilla.strategy.planner), the aggregation
+(flotilla.strategy.aggregate) and the tests share them:
+- `throughput`, `round_deadline` (factor x median of planned times);
+- `memory_safe_batch_size` (a batch that fits the device's memory) and
+  `scale_lr` (the learning rate for that batch);
+- `fednova_aggregate`, so that devices that took more steps do not pull the
+  model their way (FedNova, Wang et al. 2020).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -94,32 +90,6 @@ def round_deadline(observed_times: Sequence[float], factor: float, floor_s: floa
     return max(floor_s, factor * float(np.median(times)))
 
 
-def local_steps_for(
-    throughput_sps: float,
-    batch: int,
-    deadline_s: float,
-    target_steps: int,
-    min_steps: int = 1,
-    overhead_s: float = 0.0,
-) -> int:
-    """Local SGD steps a device finishes before the deadline, in [min_steps, target_steps].
-
-    overhead_s is the device's fixed per-round cost (process start, data load,
-    messaging), which the deadline must cover before any training. A device
-    with no measured throughput (0) gets min_steps.
-    """
-    if target_steps < 1 or batch < 1:
-        raise ValueError(f"target_steps {target_steps} and batch {batch} must be >= 1")
-    min_steps = min(max(min_steps, 1), target_steps)
-    if math.isinf(deadline_s) and deadline_s > 0:
-        return target_steps
-    if not throughput_sps > 0:
-        return min_steps
-    budget = max(0.0, deadline_s - overhead_s)
-    steps = int(budget * throughput_sps // batch)
-    return max(min_steps, min(target_steps, steps))
-
-
 def fednova_weights(num_examples: Sequence[int], local_steps: Sequence[int],
                     max_tau_eff: float | None = None) -> np.ndarray:
     """Coefficients c_i with FedNova's result = x_global - sum_i c_i (x_global - x_i).
@@ -174,50 +144,3 @@ def fednova_aggregate(
         dtype = np.asarray(g).dtype
         out.append((np.rint(new) if np.issubdtype(dtype, np.integer) else new).astype(dtype))
     return out
-
-
-@dataclass(frozen=True)
-class DeviceObs:
-    """What the server knows about a device before a round."""
-
-    name: str
-    throughput_sps: float | None  # None: not measured yet (first round)
-    memory_limit: int | None  # bytes; None: no limit
-    samples_available: int
-    overhead_s: float = 0.0  # fixed per-round cost seen so far
-
-
-@dataclass(frozen=True)
-class DeviceWork:
-    batch: int
-    steps: int
-    lr: float
-
-
-def plan_round(
-    devices: Sequence[DeviceObs],
-    deadline_s: float,
-    batch_size: int,
-    lr: float,
-    local_epochs: float,
-    bytes_per_sample: int,
-    base_rss_bytes: int,
-) -> dict[str, DeviceWork]:
-    """Each device's batch, local steps and learning rate for the next round.
-
-    The target is `local_epochs` passes over the device's data at its batch;
-    a device measured too slow for that within the deadline gets fewer steps
-    (FedNova then normalises). Unmeasured devices get the full target, which
-    is how the first round measures everyone.
-    """
-    work = {}
-    for d in devices:
-        batch = memory_safe_batch_size(d.memory_limit, base_rss_bytes, bytes_per_sample, batch_size)
-        batch = max(1, min(batch, d.samples_available)) if d.samples_available > 0 else batch
-        target = max(1, math.ceil(local_epochs * max(d.samples_available, 0) / batch))
-        if d.throughput_sps is None:
-            steps = target
-        else:
-            steps = local_steps_for(d.throughput_sps, batch, deadline_s, target, overhead_s=d.overhead_s)
-        work[d.name] = DeviceWork(batch=batch, steps=steps, lr=scale_lr(lr, batch_size, batch))
-    return work
