@@ -29,9 +29,11 @@ from flotilla.plan import Plan, format_node_config, make_plan
 from flotilla.runs import JsonlTail, RunRecord, new_run_id
 from flotilla.runtime.commands import flower_env
 from flotilla.targets import Federation, Target, TargetError, get_target
+from flotilla.watchdog import Watchdog, advice
 
 CONNECTION = "flotilla"
 STATUS_EVERY_S = 1.0  # Flower's run status, on its Control API (~10 ms a request)
+HEALTH_EVERY_S = 1.0  # each device's kernel view (processes, CPU, memory pressure), for the watchdog
 CONTROL_FAILURES_FATAL = 15  # consecutive unanswered status requests: the SuperLink is gone
 OBSERVER_FLUSH_S = 10.0  # after Flower says finished, wait this long for the observer's last rows
 
@@ -106,6 +108,9 @@ class Driver:
         self.stop_reason: str | None = None
         self.lost: dict[str, str] = {}  # device -> why
         self.notes: list[str] = []
+        self.watchdog = Watchdog()
+        self.in_flight: dict[str, tuple[str, float]] = {}  # message id -> (device, sent at)
+        self.oom_seen: dict[str, int] = {}  # device -> OOM kills already reported
 
     # -- signals -------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
@@ -245,11 +250,15 @@ class Driver:
 
         throttler = Throttler(self.run) if self.job.heterogeneity.throttle else None
         rounds = JsonlTail(self.paths.metrics)
-        last_status = 0.0
+        messages = JsonlTail(self.paths.messages)
+        last_status = last_health = 0.0
         control_failures = 0
         while True:
             for row in rounds.read_new():
                 self._on_round(row)
+            if time.time() - last_health >= HEALTH_EVERY_S:
+                last_health = time.time()
+                self._watch(messages)
             if throttler is not None:
                 for rec in throttler.tick():
                     self.progress.message = (f"throttled {rec['device']}: cpus={rec.get('cpus')} "
@@ -307,13 +316,57 @@ class Driver:
             if state == "exited" and name not in self.lost:
                 self._device_lost(name)
 
-    def _device_lost(self, name: str, why: str | None = None) -> None:
+    def _watch(self, messages: JsonlTail) -> None:
+        """Devices that stopped answering without exiting (stopped, thrashing, hung): stop them, report them."""
+        for ev in messages.read_new():
+            if ev.get("event") == "sent" and ev.get("mid"):
+                self.in_flight[ev["mid"]] = (ev.get("device", ""), float(ev.get("t", time.time())))
+            elif ev.get("event") == "reply":
+                sent = self.in_flight.pop(ev.get("mid", ""), None)
+                if sent and ev.get("reply_s"):
+                    self.watchdog.reply_time(sent[0], float(ev["reply_s"]))
+        since: dict[str, float] = {}
+        for device, t in self.in_flight.values():
+            since[device] = min(since.get(device, t), t)
+        for i, d in enumerate(self.plan.devices):
+            if d.name in self.lost:
+                continue
+            health = self.target.device_health(self.run, d.name)
+            if health is None:
+                continue
+            self._report_oom_kills(d, health)
+            why = self.watchdog.observe(d.name, health, since.get(d.name))
+            if why:
+                cls_index = next(k for k, c in enumerate(self.job.devices) if c.name == d.device_class)
+                self.target.stop_device(self.run, d.name)
+                self._device_lost(d.name, f"{why}; {advice(why, cls_index, health.limit)}", stuck=True)
+
+    def _report_oom_kills(self, d, health) -> None:
+        """A process of a device killed by its memory limit (its fork server, a ClientApp) while the device
+        lives on: its replies fail from now on. Say so, with the limit and what to change."""
+        seen = self.oom_seen.get(d.name, 0)
+        if health.oom_kills <= seen:
+            return
+        self.oom_seen[d.name] = health.oom_kills
+        idx = next(k for k, c in enumerate(self.job.devices) if c.name == d.device_class)
+        limit = f"{health.limit // 2**20} MiB" if health.limit else "its limit"
+        msg = (f"device {d.name}: the kernel killed {health.oom_kills - seen} of its processes at its memory limit "
+               f"({limit}); its ClientApps fail until it has more memory: raise devices[{idx}].memory or make "
+               "the app use less")
+        self.progress.message = msg
+        self.notes.append(msg)
+        print(f"flotilla: {msg}", file=sys.stderr, flush=True)
+
+    def _device_lost(self, name: str, why: str | None = None, stuck: bool = False) -> None:
         tail = _tail(self.target.log_path(self.run, name), 8)
-        code = self.target.exit_code(self.run, name)
-        why = why or self.target.explain_exit(self.run, name)
-        msg = f"device {name} exited (code {code})" + (f": {why}" if why else "")
+        if stuck:
+            msg = f"device {name} stopped answering: {why}; Flotilla stopped it"
+        else:
+            code = self.target.exit_code(self.run, name)
+            why = why or self.target.explain_exit(self.run, name)
+            msg = f"device {name} exited (code {code})" + (f": {why}" if why else "")
         msg += "; last log lines:\n" + "\n".join("    " + t for t in tail)
-        self.lost[name] = why or f"exited with code {code}"
+        self.lost[name] = why or "exited"
         self.progress.message = msg
         print(f"flotilla: {msg}", file=sys.stderr, flush=True)
         self.paths.lost_devices.write_text(json.dumps(sorted(self.lost)))

@@ -54,13 +54,17 @@ def record_bytes(content: RecordDict | None) -> int:
 
 
 def reply_metrics(content: RecordDict) -> dict[str, float]:
-    """Every scalar in a reply's MetricRecords (keys kept as the app wrote them)."""
+    """Every scalar metric of a reply, keys as the app wrote them: its MetricRecords, and (legacy
+    NumPyClient replies) the `fitres.metrics` / `evaluateres.metrics` ConfigRecord with `num_examples`
+    also under Flower's Message-API name `num-examples`."""
     out: dict[str, float] = {}
-    for rec in content.values():
-        if isinstance(rec, MetricRecord):
+    for key, rec in content.items():
+        if isinstance(rec, MetricRecord) or (isinstance(rec, ConfigRecord) and key.endswith("res.metrics")):
             for k, v in rec.items():
                 if (x := _num(v)) is not None:
                     out[k] = x
+    if "num_examples" in out:
+        out.setdefault("num-examples", out["num_examples"])
     return out
 
 

@@ -501,6 +501,19 @@ class DeviceCgroup:
             "memory_peak_bytes": int(_read(mem / "memory.max_usage_in_bytes")),
         }
 
+    def memory_pressure(self) -> dict:
+        """How hard the group presses on its memory limit: {"limit_hits": times usage hit the limit,
+        "major_faults": pages read back from disk (a group at its limit without swap evicts its own
+        code and mapped files, then faults them back in: thrashing)}."""
+        if self.version == 2:
+            d = self.dirs[_V2]
+            return {"limit_hits": _keyed(_read(d / "memory.events", "")).get("max", 0),
+                    "major_faults": _keyed(_read(d / "memory.stat", "")).get("pgmajfault", 0)}
+        d = self.dirs["memory"]
+        stat = _keyed(_read(d / "memory.stat", ""))
+        return {"limit_hits": int(_read(d / "memory.failcnt", "0")),
+                "major_faults": stat.get("total_pgmajfault", stat.get("pgmajfault", 0))}
+
     def oom_kills(self) -> int:
         """Processes the kernel OOM-killed in this group.
 

@@ -66,6 +66,14 @@ class Target(ABC):
         """A device's exit code, once it has exited (None while it runs or when the target cannot tell)."""
         return None
 
+    def device_health(self, run: RunRecord, device: str):
+        """A flotilla.watchdog.Health sample of a running device (its processes, CPU, memory pressure), where
+        the target can read the kernel's view; None where it cannot (then only exits are noticed)."""
+        return None
+
+    def stop_device(self, run: RunRecord, device: str) -> None:
+        """End one device (it is stuck); the rest of the federation goes on."""
+
     def collect_outputs(self, run: RunRecord) -> None:
         """Bring the files the apps wrote (their working directories) into the record's outputs/.
         Targets whose working directories are the record's own (local, compose mounts) have nothing to do."""

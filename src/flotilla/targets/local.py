@@ -77,16 +77,37 @@ def kill_group(pgid: int, grace_s: float = 5.0) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
+    return bool(_group_pids(pgid))
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat after the command name: [state, ppid, pgrp, ...]."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _group_pids(pgid: int) -> set[int]:
+    """Live (non-zombie) members of a process group."""
+    out = set()
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    return True
-            except (OSError, IndexError, ValueError):
-                continue
-    return False
+            f = _stat_fields(int(entry.name))
+            if f and len(f) > 2 and f[2] == str(pgid) and f[0] != "Z":
+                out.add(int(entry.name))
+    return out
+
+
+def _proc_state(pid: int) -> str | None:
+    f = _stat_fields(pid)
+    return f[0] if f else None
+
+
+def _proc_cpu_s(pid: int) -> float:
+    f = _stat_fields(pid)
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK") if f and len(f) > 12 else 0.0
 
 
 class LocalTarget(Target):
@@ -192,6 +213,47 @@ class LocalTarget(Target):
     def exit_code(self, run: RunRecord, device: str) -> int | None:
         proc = self.procs.get(device)
         return proc.poll() if proc else None
+
+    def device_health(self, run: RunRecord, device: str):
+        from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
+        from flotilla.watchdog import Health
+
+        st = run.state()
+        pgid = st.get("groups", {}).get(device)
+        if pgid is None:
+            return None
+        cstate = st.get("cgroups", {}).get(device)
+        cpu_s = memory = limit = None
+        pressure = {"limit_hits": 0, "major_faults": 0}
+        pids: set[int] = set()
+        if cstate:  # the kernel's own accounting of the device (no /proc scan: cheap for big fleets)
+            try:
+                cg = DeviceCgroup.from_state(cstate)
+                pids = set(cg.pids())
+                use = cg.usage()
+                cpu_s, memory, limit = use["cpu_seconds"], use["memory_bytes"], cg.read_limits().get("memory")
+                pressure = cg.memory_pressure() | {"oom_kills": cg.oom_kills()}
+            except (CgroupError, OSError):
+                return None
+        else:
+            pids = _group_pids(pgid)
+        states = [_proc_state(p) for p in pids]
+        states = [s for s in states if s and s != "Z"]
+        if not states:
+            return None
+        if cpu_s is None:
+            cpu_s = sum(_proc_cpu_s(p) for p in pids)
+        return Health(t=time.time(), stopped=all(s in "Tt" for s in states), cpu_s=cpu_s, memory=memory,
+                      limit=limit, **pressure)
+
+    def stop_device(self, run: RunRecord, device: str) -> None:
+        pgid = run.state().get("groups", {}).get(device)
+        if pgid is not None:
+            try:
+                os.killpg(pgid, signal.SIGCONT)  # a stopped group cannot act on SIGTERM
+            except (ProcessLookupError, PermissionError):
+                pass
+            kill_group(pgid, grace_s=2.0)
 
     def resource_usage(self, run: RunRecord) -> list[dict]:
         from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
