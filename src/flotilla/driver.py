@@ -350,11 +350,11 @@ class Driver:
         self.oom_seen[d.name] = health.oom_kills
         idx = next(k for k, c in enumerate(self.job.devices) if c.name == d.device_class)
         limit = f"{health.limit // 2**20} MiB" if health.limit else "its limit"
-        msg = (f"device {d.name}: the kernel killed {health.oom_kills - seen} of its processes at its memory limit "
+        msg = (f"device {d.name}: the kernel killed {health.oom_kills} of its processes at its memory limit "
                f"({limit}); its ClientApps fail until it has more memory: raise devices[{idx}].memory or make "
                "the app use less")
         self.progress.message = msg
-        self.notes.append(msg)
+        self.notes = [n for n in self.notes if not n.startswith(f"device {d.name}: the kernel killed")] + [msg]
         print(f"flotilla: {msg}", file=sys.stderr, flush=True)
 
     def _device_lost(self, name: str, why: str | None = None, stuck: bool = False) -> None:

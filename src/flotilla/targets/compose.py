@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from flotilla.images.appdeps import check_image_has_app
 from flotilla.images.build import default_image
 from flotilla.plan import Plan, format_node_config
 from flotilla.runs import RunRecord
@@ -287,6 +288,7 @@ class ComposeTarget(Target):
         if "/" not in self.image.split(":")[0] and not _image_present(self.image):
             raise TargetError(f"image {self.image} is not in the local engine; build it with `flotilla images build` "
                               "(or set FLOTILLA_IMAGE to an image you have)")
+        check_image_has_app(self.image, plan.app)  # the app's dependencies are in the image, or one line says which
         project = project_name(run.run_id)
         out_dir = run.dir / "compose"
         # Record first: a `down` from another process must find the project even if `up` dies half-way.

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import yaml
 
+from flotilla.images.appdeps import check_image_has_app
 from flotilla.images.build import image_app_dir
 from flotilla.job import DeviceClass
 from flotilla.plan import DevicePlan, Plan, format_node_config
@@ -527,6 +528,8 @@ class K8sTarget(Target):
         return self._clients[key]
 
     def up(self, plan: Plan, run: RunRecord) -> Federation:
+        # the app's dependencies are in the image (checked when the image is in the local engine; never pulled)
+        check_image_has_app(self.opts.image or _default_image(self.opts.registry), plan.app)
         from kubernetes import client
         from kubernetes.utils import FailToCreateError, create_from_dict
 

@@ -40,6 +40,7 @@ from typing import Annotated
 import typer
 import yaml
 
+from flotilla.images.appdeps import check_image_has_app
 from flotilla.images.build import image_app_dir
 from flotilla.job import format_memory
 from flotilla.plan import DevicePlan, Plan, format_node_config
@@ -449,6 +450,9 @@ class SwarmTarget(Target):
 
     # -- up -----------------------------------------------------------------------------
     def up(self, plan: Plan, run: RunRecord) -> Federation:
+        # the app's dependencies are in the image (checked when the image is local; never pulled to look)
+        check_image_has_app(self.opts.image or _default_image(self.opts.registry), plan.app,
+                            docker_host=self.opts.docker_host)
         docker = Docker(self.opts.docker_host)
         sw = docker.require_manager()
         check_placement(plan, cluster_nodes(self.opts.docker_host))
