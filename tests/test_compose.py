@@ -219,6 +219,38 @@ def test_compose_run_three_devices_with_limits(tmp_path, image):
     ComposeTarget().down(run)  # idempotent: a second down (e.g. `flotilla stop`) must not fail
 
 
+@pytest.mark.timeout(600)
+def test_compose_runs_a_user_app_unchanged(tmp_path, image):
+    """A Flower App Flotilla did not write, on compose: observed rounds, its accuracy metric by another name,
+    each device's own output file in the record, the ClientApp preloaded in every device container."""
+    from flotilla.runs import RunRecord
+
+    doc = {
+        "name": "compose-user-app", "app": str(Path(__file__).parent / "apps" / "other_metric"), "rounds": 2,
+        "metrics": {"accuracy": "eval_acc", "loss": "eval_loss"}, "strategy": {"min_devices": 2},
+        "devices": [{"name": "dev", "count": 2, "cpus": 0.5, "memory": "768m"}], "runs_dir": str(tmp_path / "runs"),
+    }
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(doc))
+    env = os.environ | {"PYTHONPATH": str(Path(flotilla.__file__).parents[1])}
+    res = subprocess.run([sys.executable, "-m", "flotilla.cli", "run", str(job), "--target", "compose", "--json"],
+                         capture_output=True, text=True, env=env, timeout=580)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed" and summary["final_accuracy"] > 0.3, summary
+    run = RunRecord(next((tmp_path / "runs").glob("*")))
+    rounds = [r for r in run.rounds() if r["round"] >= 1]
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert {d["name"] for d in r["devices"]} == {"dev-1", "dev-2"}
+        assert all(d["status"] == "ok" and d["compute_s"] > 0 and "train_loss" in d["metrics"] for d in r["devices"])
+    for dev in ("dev-1", "dev-2"):
+        assert len((run.dir / "outputs" / dev / "client_rounds.txt").read_text().splitlines()) == 2
+        assert "preloaded ClientApp module othermetric.client_app" in run.log_path(dev).read_text()
+    assert (run.dir / "weights.npz").exists() and run.log_path("serverapp").stat().st_size > 0
+    assert _project_leftovers(run.state()["compose_project"]) == {"containers": [], "networks": [], "volumes": []}
+
+
 def test_down_is_idempotent_and_safe_without_a_project(tmp_path, engine):
     from flotilla.driver import create_run
     from flotilla.targets.compose import ComposeTarget
