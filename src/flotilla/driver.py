@@ -64,9 +64,10 @@ class Progress:
 def create_run(job: Job, target: str, runs_dir: Path | None = None, run_id: str | None = None,
                target_options: dict | None = None) -> RunRecord:
     plan = make_plan(job)
-    rec = RunRecord.create(
-        Path(runs_dir or job.runs_dir), run_id or new_run_id(job.name), job.model_dump(mode="json"), plan.to_dict()
-    )
+    # job.yaml holds what the job file set (paths resolved): readers tell a user's choice from a default
+    # (flotilla.strategy.Auto takes the job's train values only where they were set); plan.json has it all.
+    rec = RunRecord.create(Path(runs_dir or job.runs_dir), run_id or new_run_id(job.name),
+                           job.model_dump(mode="json", exclude_unset=True), plan.to_dict())
     rec.write_state(target=target, target_options=target_options or {}, job_name=job.name,
                     rounds=plan.target_rounds(), devices=[d.name for d in plan.devices], app=plan.app.name)
     return rec
@@ -207,7 +208,8 @@ class Driver:
             except ControlError as err:
                 if time.time() > end:
                     raise RunFailed(str(err)) from None
-            if len(online) >= alive:
+            ready = self._devices_ready()
+            if len(online) >= alive and ready >= alive:
                 break
             if time.time() > end:
                 if len(online) >= need:
@@ -217,12 +219,21 @@ class Driver:
                 raise RunFailed(f"only {len(online)} of {expected} devices connected within "
                                 f"strategy.start_timeout_s={self.job.strategy.start_timeout_s:g} s "
                                 f"(fewer than strategy.min_devices={need}); see the device logs in {self.run.logs}")
-            self.progress.message = f"waiting for the fleet: {len(online)}/{expected} devices connected"
+            self.progress.message = (f"waiting for the fleet: {len(online)}/{expected} devices connected"
+                                     + (f", {ready}/{expected} warm" if self.target.devices_share_record else ""))
             if on_update:
                 on_update(self.progress)
             time.sleep(0.25)
         self.progress.message = ""
         self.run.write_state(fleet_connected_s=round(time.time() - t0, 2), fleet_connected=len(online))
+
+    def _devices_ready(self) -> int:
+        """Devices that said they are warm (the built-in trainer up, the user's ClientApp preloaded), where they
+        can say so; elsewhere every connected device counts."""
+        if not self.target.devices_share_record:
+            return len(self.plan.devices)
+        return sum(1 for d in self.plan.devices
+                   if d.name not in self.lost and (self.paths.nodes / f"{d.name}.ready").exists())
 
     def _submit(self, fed: Federation) -> None:
         write_flwr_config(self.run.dir / "flwr", fed)

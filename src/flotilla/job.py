@@ -169,6 +169,7 @@ class Heterogeneity(_Strict):
 
     @property
     def trains_ahead(self) -> bool:
+        """The built-in app's devices train ahead (a user's app trains in its own ClientApp)."""
         return self.policy == "auto" and self.train_ahead is not False
     throttle: list[ThrottleStep] = []
 
@@ -327,6 +328,9 @@ def check_job_paths(job: Job, source: str = "job") -> None:
             spec.typed(key, value, f"{source}: app_config.{key}")
     except AppError as err:
         raise JobError(str(err)) from None
+    if not spec.builtin and job.heterogeneity.train_ahead:
+        raise JobError(f"{source}: heterogeneity.train_ahead: training ahead is the built-in app's trainer's; "
+                       f"app {spec.name!r} trains in its own ClientApp: remove it")
     if not spec.builtin and job.heterogeneity.policy == "auto" and not spec.imports_flotilla():
         raise JobError(
             f"{source}: heterogeneity.policy: 'auto' sizes each device's work inside the ServerApp's strategy, and "

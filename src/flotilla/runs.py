@@ -1,7 +1,7 @@
 """Run records: `runs/<run-id>/`, the one place every target writes to.
 
 Layout:
-    job.yaml        the job as resolved
+    job.yaml        the job as its file set it (relative paths resolved)
     plan.json       the expanded devices
     state.json      status, target, controller pid, process groups, ports
     logs/<proc>.log one log per process (superlink, each device, flwr run)

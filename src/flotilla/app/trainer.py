@@ -207,6 +207,9 @@ def serve(socket_path: str, threads: int | None) -> None:
     os.umask(old_umask)
     signal.signal(signal.SIGTERM, lambda *_: trainer.exit_now())
     print(f"trainer ready on {socket_path} (threads={_threads()})", flush=True)
+    from flotilla.runtime.preload import mark_ready
+
+    mark_ready("trainer ready")
     try:
         while True:
             with listener.accept() as conn:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from flotilla.plan import format_node_config
 from flotilla.runtime.commands import flower_env
-from flotilla.runtime.preload import PRELOAD_ENV, THREADS_ENV
+from flotilla.runtime.preload import PRELOAD_ENV, READY_FILE_ENV, THREADS_ENV
 from flotilla.runtime.supernode import DEVICE_CLASS_ENV, DEVICE_ENV, NODE_FILE_ENV
 
 
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         nodes = Path(args.record) / "nodes"
         nodes.mkdir(parents=True, exist_ok=True)
         env[NODE_FILE_ENV] = str(nodes / f"{args.name}.json")
+        if args.trainer or args.preload_app:  # the trainer, or the preloading fork server, says when it is warm
+            env[READY_FILE_ENV] = str(nodes / f"{args.name}.ready")
     children: list[tuple[str, subprocess.Popen]] = []
     stopping = False
 

@@ -269,13 +269,22 @@ class Observer:
             if done:
                 self._emit(rnd)
 
-    def round_detail(self, server_round: int, record: dict) -> None:
-        """The built-in app's own record of a round: merged with what was observed, then written."""
+    def round_detail(self, server_round: int, record: dict, emit: bool = True) -> bool:
+        """Flotilla's strategy's own record of a round (richer device statuses), merged with what was observed.
+
+        emit: write the row now (the built-in app, whose evaluation made the record); else it is written when
+        the round ends as for any app (flotilla.strategy.Auto: the app's own evaluation still follows).
+        False if the round's row was already written."""
         with self._lock:
-            self.app_writes_rounds = True
+            if emit:
+                self.app_writes_rounds = True
             rnd = self._round(server_round, record.get("t_start") or time.time())
+            if rnd.emitted:
+                return False
             rnd.detail = record
-            self._emit(rnd)
+            if emit:
+                self._emit(rnd)
+            return True
 
     # -- rounds -------------------------------------------------------------------
     def _round(self, r: int, t: float) -> RoundObs:

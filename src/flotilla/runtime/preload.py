@@ -24,6 +24,7 @@ import tomllib
 from pathlib import Path
 
 PRELOAD_ENV = "FLOTILLA_PRELOAD_APP"
+READY_FILE_ENV = "FLOTILLA_READY_FILE"  # written once the device can serve messages at full speed
 PRELOADED: dict[str, Path] = {}  # module name -> its file, for modules loaded from the app directory
 APP_DIR: Path | None = None
 
@@ -50,6 +51,7 @@ def preload(app_dir: str | None = None) -> str | None:
     except Exception as err:  # noqa: BLE001 - a broken preload must not stop the device: forks import it later
         print(f"flotilla: could not preload the ClientApp from {d} ({type(err).__name__}: {err}); "
               "each ClientApp imports it itself", file=sys.stderr, flush=True)
+        mark_ready(f"preload failed: {type(err).__name__}")
         return None
     APP_DIR = d
     for name, mod in list(sys.modules.items()):
@@ -57,10 +59,26 @@ def preload(app_dir: str | None = None) -> str | None:
         if f and Path(f).resolve().is_relative_to(d):
             PRELOADED[name] = Path(f).resolve()
     warmed = warm_up_frameworks()
+    seconds = time.perf_counter() - t0
     print(f"flotilla: preloaded ClientApp module {module} ({len(PRELOADED)} app modules"
-          + (f"; warmed up {', '.join(warmed)}" if warmed else "") + f") in {time.perf_counter() - t0:.1f} s",
+          + (f"; warmed up {', '.join(warmed)}" if warmed else "") + f") in {seconds:.1f} s",
           file=sys.stderr, flush=True)
+    mark_ready(f"preloaded {module} in {seconds:.1f} s")
     return module
+
+
+def mark_ready(what: str) -> None:
+    """Tell the driver this device is warm (the fleet starts once every device is): FLOTILLA_READY_FILE."""
+    path = os.environ.get(READY_FILE_ENV)
+    if not path:
+        return
+    try:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
+            fh.write(f"{time.time():.3f} {what}\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        print(f"flotilla: could not write {path}: {err}", file=sys.stderr, flush=True)
 
 
 THREADS_ENV = "FLOTILLA_THREADS"  # a device's compute threads (its CPU quota), for the app's frameworks
@@ -96,6 +114,23 @@ def warm_up_frameworks() -> list[str]:
         except Exception as err:  # noqa: BLE001 - a failed warm-up only costs the forks some time
             print(f"flotilla: torch warm-up failed ({err}); forks pay its first-use costs", file=sys.stderr)
     return warmed
+
+
+def reseed() -> None:
+    """In a ClientApp fork: fresh random state, as a new process would have.
+
+    Every fork starts from its server's state, so without this each message
+    would draw the same numbers (a DataLoader's shuffle order, dropout masks,
+    numpy's global RandomState) round after round. Python's `random` reseeds
+    itself after a fork; numpy's global state and torch's default generator do not.
+    """
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:
+        try:
+            sys.modules["torch"].seed()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def set_threads() -> None:

@@ -57,13 +57,14 @@ def run_clientapp_task(address: str, token: str, insecure: bool, root_certificat
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     from flotilla.runtime.engine_tuning import shorten_pull_backoff
-    from flotilla.runtime.preload import check_before_load, set_threads
+    from flotilla.runtime.preload import check_before_load, reseed, set_threads
     from flotilla.runtime.stamp import stamp_replies
 
     shorten_pull_backoff()  # the task's message arrays may still be on their way to the SuperNode
     stamp_replies(launched_at)
     check_before_load()
     set_threads()
+    reseed()
     sys.argv = ["flwr-clientapp"]  # flwr names its exit telemetry event after argv[0]
     run_clientapp(
         runtime_api_address=address,

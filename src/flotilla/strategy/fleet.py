@@ -152,8 +152,7 @@ class FleetAuto(FleetFedAvg):
     ) -> Iterable[Message]:
         self._start_round(server_round, grid)
         self._late += getattr(grid, "harvest", list)()
-        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        node_ids, configs = self._candidates(server_round, arrays, config, grid)
         lost = getattr(grid, "lost_devices", set)()
         node_ids = [n for n in node_ids if self._name(n) not in lost]
         busy = self._wait_for_a_free_device(grid, node_ids)
@@ -172,14 +171,26 @@ class FleetAuto(FleetFedAvg):
         self.round_info[server_round] = {
             "policy": "auto", "deadline_s": _round(plan.deadline_s), "planned_round_s": _round(plan.round_s),
         }
-        base = dict(config) | {"server-round": server_round, "proximal-mu": float(self.proximal_mu),
-                               "train-ahead": int(self.train_ahead)}
+        extra = {"server-round": server_round, "proximal-mu": float(self.proximal_mu),
+                 "train-ahead": int(self.train_ahead)}
         messages = []
         for n in send:
-            cfg = ConfigRecord(base | plan.work[self._name(n)].config())
+            cfg = ConfigRecord(configs[n] | extra | plan.work[self._name(n)].config())
             messages.append(Message(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg}),
                                     message_type=MessageType.TRAIN, dst_node_id=n))
         return messages
+
+    def _candidates(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                    grid: Grid) -> tuple[list[int], dict[int, dict]]:
+        """The nodes sampled for this round and each one's config before its planned work
+        (flotilla.strategy.auto.Auto takes both from the strategy it wraps)."""
+        num_nodes = int(len(list(grid.get_node_ids())) * self.fraction_train)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, self.min_train_nodes))
+        return node_ids, {n: dict(config) for n in node_ids}
+
+    def _server_step(self, server_round: int, averaged: ArrayRecord) -> ArrayRecord:
+        """The new global model from the FedNova average (Auto: the wrapped strategy's server optimizer)."""
+        return averaged
 
     def _wait_for_quick_busy_devices(self, grid: Grid, node_ids: list[int], busy: set[int]) -> set[int]:
         """Wait (at most half a planned round) for busy devices the round would wait for anyway.
@@ -267,6 +278,7 @@ class FleetAuto(FleetFedAvg):
                 rec["aggregated"] = in_average.get(rec["node_id"], False)
         self.round_info[server_round]["left_out"] = used.count(False)
         arrays = ArrayRecord(array_dict={k: Array(a) for k, a in zip(current.keys(), new)}, keep_input=False)
+        arrays = self._server_step(server_round, arrays)
         metrics = self.train_metrics_aggr_fn([m.content for m in valid], metric) if valid else None
         return arrays, metrics
 

@@ -37,6 +37,9 @@ class Federation:
 
 class Target(ABC):
     name: str = ""
+    # Devices write into the run record (their node ids, when they are warm): local processes, and
+    # containers on one host with the record mounted. Elsewhere the driver only sees the nodes online.
+    devices_share_record: bool = False
 
     @abstractmethod
     def render(self, plan: Plan, out_dir: Path) -> list[Path]:

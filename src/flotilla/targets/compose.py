@@ -249,6 +249,7 @@ def _header(plan: Plan, run_id: str | None) -> str:
 
 class ComposeTarget(Target):
     name = "compose"
+    devices_share_record = True
 
     def __init__(self, image: str | None = None, registry: str | None = None, insecure: bool = True) -> None:
         # insecure is accepted for CLI symmetry: this target runs one host's private network without TLS.

@@ -112,6 +112,7 @@ def _proc_cpu_s(pid: int) -> float:
 
 class LocalTarget(Target):
     name = "local"
+    devices_share_record = True
 
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}  # held by the driver's process only

@@ -1,0 +1,1 @@
+"""mnist-auto: A Flower / PyTorch app."""
