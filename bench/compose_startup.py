@@ -23,7 +23,7 @@ import yaml
 
 from flotilla.driver import Driver, create_run
 from flotilla.job import load_job
-from flotilla.targets.compose import ComposeTarget
+from flotilla.targets.compose.target import ComposeTarget
 
 GOAL_S = 30.0
 

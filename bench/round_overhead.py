@@ -37,7 +37,7 @@ BENCH = Path(__file__).resolve().parent
 USER_APP_MEMORY = "1536m"
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
-from run_plain import read_rounds, run_app, start_plain_fleet, stop_fleet, summarize  # noqa: E402
+from run_plain import prepared_app, read_rounds, run_app, start_plain_fleet, stop_fleet, summarize  # noqa: E402
 
 
 def run_flotilla(job_path: Path, rounds: int, work: Path, app: Path | None = None) -> list[dict]:
@@ -45,7 +45,7 @@ def run_flotilla(job_path: Path, rounds: int, work: Path, app: Path | None = Non
     doc = yaml.safe_load(job_path.read_text())
     doc |= {"rounds": rounds, "runs_dir": str(work / "runs")}
     if app is not None:
-        doc |= {"app": str(app), "name": "user-app"}
+        doc |= {"app": str(prepared_app(app, work / "apps")), "name": "user-app"}
         doc.pop("train", None)  # the app's own training settings stand
         for cls in doc["devices"]:
             cls.pop("train", None)

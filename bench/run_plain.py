@@ -161,12 +161,25 @@ def resolve_app(app: str) -> Path:
     return path
 
 
+def prepared_app(app: str | Path, dest: Path) -> Path:
+    """A copy of the app to run, with bench/bench_strategy.py in each of its packages that imports it."""
+    src = resolve_app(str(app))
+    dst = Path(dest) / src.name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for pkg in dst.iterdir():
+        if (pkg / "__init__.py").exists() and any("bench_strategy" in f.read_text() for f in pkg.glob("*.py")):
+            shutil.copy(BENCH_DIR / "bench_strategy.py", pkg / "bench_strategy.py")
+    return dst
+
+
 def run_app(fleet: Fleet, app: str | Path, rounds: int, output_dir: Path,
             timeout: float | None = None, poll_s: float = 15) -> list[dict]:
     """Submit the app with `flwr run`, wait until it finishes and return read_rounds()."""
-    app_dir = resolve_app(str(app))
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    app_dir = prepared_app(app, output_dir.parent / "apps")
     if (output_dir / "metrics.jsonl").exists():  # the ServerApp appends: rounds would mix
         raise ValueError(f"output dir {output_dir} already holds a metrics.jsonl: use an empty directory")
     app_config = tomllib.loads((app_dir / "pyproject.toml").read_text())

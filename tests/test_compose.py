@@ -42,7 +42,7 @@ def _ok(*cmd: str) -> bool:
 
 def _compose() -> list[str] | None:
     from flotilla.targets.base import TargetError
-    from flotilla.targets.compose import compose_command
+    from flotilla.targets.compose.engine import compose_command
 
     try:
         return compose_command()
@@ -101,7 +101,7 @@ def compose_config(compose: list[str], compose_file: Path, *extra: str) -> dict:
 
 
 def test_rendered_compose_passes_docker_compose_config(tmp_path, compose):
-    from flotilla.targets.compose import ComposeTarget
+    from flotilla.targets.compose.target import ComposeTarget
 
     mnist = tmp_path / "mnist-idx"
     mnist.mkdir()
@@ -214,7 +214,7 @@ def test_compose_run_three_devices_with_limits(tmp_path, image):
     assert "started" in run.log_path("big-1").read_text()  # container logs kept before the containers went
     assert _project_leftovers(project) == {"containers": [], "networks": [], "volumes": []}
 
-    from flotilla.targets.compose import ComposeTarget
+    from flotilla.targets.compose.target import ComposeTarget
 
     ComposeTarget().down(run)  # idempotent: a second down (e.g. `flotilla stop`) must not fail
 
@@ -253,7 +253,7 @@ def test_compose_runs_a_user_app_unchanged(tmp_path, image):
 
 def test_down_is_idempotent_and_safe_without_a_project(tmp_path, engine):
     from flotilla.driver import create_run
-    from flotilla.targets.compose import ComposeTarget
+    from flotilla.targets.compose.target import ComposeTarget
 
     job = load_job(write_job(tmp_path))
     run = create_run(job, "compose")

@@ -22,7 +22,8 @@ from flotilla.plan import format_node_config, make_plan  # noqa: E402
 from flotilla.runs import RunRecord  # noqa: E402
 from flotilla.security import load_bundle, private_key_markers  # noqa: E402
 from flotilla.targets.base import TargetError  # noqa: E402
-from flotilla.targets.k8s import K8sTarget, pod_device_name  # noqa: E402
+from flotilla.targets.k8s.render import pod_device_name  # noqa: E402
+from flotilla.targets.k8s.target import K8sTarget  # noqa: E402
 
 K8S_VERSION = "1.30"
 

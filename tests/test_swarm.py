@@ -36,7 +36,9 @@ from flotilla.job import load_job
 from flotilla.plan import format_node_config, make_plan
 from flotilla.security import CertError, default_sans, load_bundle, make_certs, private_key_markers, register_nodes
 from flotilla.targets.base import TargetError
-from flotilla.targets.swarm import SwarmTarget, check_placement, nodes_table, task_state
+from flotilla.targets.swarm.cli import nodes_table
+from flotilla.targets.swarm.engine import check_placement, task_state
+from flotilla.targets.swarm.target import SwarmTarget
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -423,7 +425,7 @@ def swarm(swarm_image):
 
 @pytest.mark.docker
 def test_cluster_nodes_lists_every_engine(swarm):
-    from flotilla.targets.swarm import cluster_nodes
+    from flotilla.targets.swarm.engine import cluster_nodes
 
     nodes = cluster_nodes()
     assert sorted(n["hostname"] for n in nodes) == sorted(swarm.hostnames)
@@ -434,7 +436,7 @@ def test_cluster_nodes_lists_every_engine(swarm):
     import typer
     from typer.testing import CliRunner
 
-    from flotilla.targets.swarm import cluster_nodes_command
+    from flotilla.targets.swarm.cli import cluster_nodes_command
 
     app = typer.Typer()
     app.command("nodes")(cluster_nodes_command)

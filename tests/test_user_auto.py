@@ -387,7 +387,8 @@ def test_a_disabled_auto_is_the_wrapped_strategy_and_evaluation_stays_the_wrappe
 
 def test_under_flotillas_observer_the_rounds_records_reach_metrics_jsonl(tmp_path, monkeypatch):
     from flotilla.runtime import serverapp
-    from flotilla.runtime.observer import Observer, ObservingGrid
+    from flotilla.runtime.observer import Observer
+    from flotilla.runtime.observing_grid import ObservingGrid
 
     record = _write_record(tmp_path, devices=[{"name": "big", "count": 2, "cpus": 1.0},
                                               {"name": "pi", "count": 1, "cpus": 0.125}])

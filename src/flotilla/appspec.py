@@ -13,11 +13,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flotilla.errors import UserError
+
 BUILTIN_FAB = Path(__file__).parent / "app" / "fab"
 ROUNDS_KEY = "num-server-rounds"
 
 
-class AppError(ValueError):
+class AppError(UserError):
     """The app directory is not a usable Flower App; the message names the file and what to fix."""
 
 

@@ -1,10 +1,9 @@
-"""The `flotilla` command: run / submit / status / logs / stop / render / report, and helpers."""
+"""The `flotilla` command: run / submit / render / validate, and the subsystems' commands (cli_runs: status,
+logs, stop, resume, throttle, fault, report; images; certs; cluster). Errors end in main(), in one place."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,8 +13,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from flotilla.job import JobError, job_schema, load_job
-from flotilla.runs import RunNotFound, find_run, list_runs
+from flotilla.errors import EXIT_CODES, FlotillaError, UserError
+from flotilla.job import job_schema, load_job
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated learning on fleets of unlike devices, on the real Flower engine.")
@@ -29,12 +28,11 @@ RegistryOpt = typer.Option(None, "--registry", help="swarm/k8s: registry/project
 TargetOptOpt = typer.Option(None, "--target-opt", "-O", help="A target option KEY=VALUE (repeatable), e.g. "
                             "subnet=10.213.0.0/24, endpoint_mode=vip, namespace=fl, nfs=server:/export.")
 RunsDirOpt = typer.Option(Path("runs"), "--runs-dir", help="Where run records live.")
-EXIT_CODES = {"completed": 0, "failed": 1, "stopped": 130}  # 2: bad input (fail())
 
 
-def fail(msg: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+def fail(msg: str) -> None:
+    """Bad input: one line, exit 2 (printed by main, like every FlotillaError)."""
+    raise UserError(msg)
 
 
 def _target_options(target: str, insecure: bool, image, registry, pairs) -> dict:
@@ -61,16 +59,29 @@ def _target_options(target: str, insecure: bool, image, registry, pairs) -> dict
     return opts
 
 
+def _check_metrics_port(port: int) -> None:
+    """A busy --metrics-port is bad input, said before the run exists (not a traceback mid-start)."""
+    import socket
+
+    if not port:
+        return
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            fail(f"--metrics-port {port}: {e.strerror or e}; pick a free port (or 0 for none)")
+
+
 def _load(job_file: Path, target: Optional[str]):
     from flotilla.targets import REGISTRY
 
-    try:
-        job = load_job(job_file)
-    except JobError as e:
-        fail(str(e))
+    from flotilla.targets import check_job
+
+    job = load_job(job_file)
     target = target or job.target
     if target not in REGISTRY:
         fail(f"--target: {target!r} is not available; choose one of {', '.join(REGISTRY)}")
+    check_job(job, target)
     return job, target
 
 
@@ -100,6 +111,7 @@ def run(
         out.print_json(json.dumps(make_plan(job).to_dict()))
         return
     opts = _target_options(target, insecure, image, registry, target_opt)
+    _check_metrics_port(metrics_port)
     rec = RunRecord(run_dir.resolve()) if run_dir else create_run(job, target, runs_dir, target_options=opts)
     if not quiet and not json_out:
         err.print(f"run [bold]{rec.run_id}[/bold] on {target}: {job.device_count} devices, {job.rounds} rounds "
@@ -173,118 +185,6 @@ def submit(
     print(rec.run_id)
 
 
-def _find(run_id: Optional[str], runs_dir: Path):
-    try:
-        return find_run(runs_dir, run_id)
-    except RunNotFound as e:
-        fail(str(e))
-
-
-@app.command()
-def status(
-    run_id: Optional[str] = typer.Argument(None, help="Run id or prefix (default: the newest run)."),
-    runs_dir: Path = RunsDirOpt,
-    all_runs: bool = typer.Option(False, "--all", "-a", help="List every run."),
-    json_out: bool = typer.Option(False, "--json"),
-) -> None:
-    """Show a run's state, rounds and devices (works while it runs and after)."""
-    from flotilla.status import run_status, show_status, show_table
-
-    if all_runs:
-        recs = list_runs(runs_dir)
-        if json_out:
-            print(json.dumps([run_status(r) for r in recs]))
-        else:
-            show_table(out, recs)
-        return
-    rec = _find(run_id, runs_dir)
-    st = run_status(rec)
-    if json_out:
-        print(json.dumps(st))
-    else:
-        show_status(out, st)
-
-
-@app.command()
-def logs(
-    run_id: str = typer.Argument(..., help="Run id or prefix."),
-    device: Optional[str] = typer.Option(None, "--device", "-d", help="A device name (default: the ServerApp log)."),
-    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines while the run goes on."),
-    runs_dir: Path = RunsDirOpt,
-    lines: int = typer.Option(0, "--tail", "-n", help="Only the last N lines (0: all)."),
-) -> None:
-    """Print a device's log, or the ServerApp's."""
-    rec = _find(run_id, runs_dir)
-    name = device or "serverapp"
-    path = rec.log_path(name)
-    if not path.exists():
-        known = sorted(p.stem for p in rec.logs.glob("*.log"))
-        fail(f"--device: no log named {name!r} in run {rec.run_id}; logs: {', '.join(known)}")
-    with open(path, errors="replace") as fh:
-        text = fh.read()
-        chunk = text.splitlines(keepends=True)[-lines:] if lines else [text]
-        sys.stdout.write("".join(chunk))
-        sys.stdout.flush()
-        while follow:
-            line = fh.readline()
-            if line:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            elif rec.state().get("status") in ("completed", "failed", "stopped"):
-                break
-            else:
-                time.sleep(0.3)
-
-
-@app.command()
-def stop(
-    run_id: str = typer.Argument(..., help="Run id or prefix."),
-    runs_dir: Path = RunsDirOpt,
-    timeout: float = typer.Option(60, help="Seconds to wait for an orderly stop."),
-) -> None:
-    """Stop a running job: its driver ends the Flower run and removes everything it started."""
-    from flotilla.targets.local import pid_alive
-
-    rec = _find(run_id, runs_dir)
-    st = rec.state()
-    if st.get("status") in ("completed", "failed", "stopped"):
-        out.print(f"run {rec.run_id} already {st['status']}")
-        return
-    pid = st.get("driver_pid")
-    if pid and pid_alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        end = time.time() + timeout
-        while pid_alive(pid) and time.time() < end:
-            time.sleep(0.2)
-    if rec.state().get("status") not in ("completed", "failed", "stopped"):
-        # the driver is gone (crashed or killed): clean up from the record
-        from flotilla.targets import get_target
-
-        get_target(st.get("target", "local"), **st.get("target_options", {})).down(rec)
-        rec.write_state(status="stopped", ended=time.time(), error="stopped by flotilla stop (driver not running)")
-    out.print(f"run {rec.run_id} {rec.state().get('status')}")
-
-
-@app.command()
-def throttle(
-    run_id: str = typer.Argument(..., help="Run id or prefix."),
-    device: str = typer.Argument(..., help="Device name, e.g. pi-2."),
-    cpus: Optional[float] = typer.Option(None, "--cpus", help="New CPU quota, e.g. 0.1."),
-    memory: Optional[str] = typer.Option(None, "--memory", help="New memory limit, e.g. 512m."),
-    runs_dir: Path = RunsDirOpt,
-) -> None:
-    """Change a running device's CPU/memory limits now (rewrites its cgroup)."""
-    from flotilla.throttle import ThrottleError, throttle_now
-
-    rec = _find(run_id, runs_dir)
-    try:
-        res = throttle_now(rec, device, cpus=cpus, memory=memory)
-    except ThrottleError as e:
-        fail(str(e))
-    out.print(f"{device}: now cpus={res['applied'].get('cpus')} memory={res['applied'].get('memory')}",
-              highlight=False)
-
-
 @app.command()
 def render(
     job_file: Path = typer.Argument(..., help="The job file (YAML)."),
@@ -297,25 +197,13 @@ def render(
 ) -> None:
     """Write the artifacts that run the job on a target, without running them."""
     from flotilla.plan import make_plan
-    from flotilla.targets import TargetError, get_target
+    from flotilla.targets import get_target
 
     job, target = _load(job_file, target)
     opts = _target_options(target, insecure, image, registry, target_opt)
-    try:
-        paths = get_target(target, **opts).render(make_plan(job), output)
-    except TargetError as e:
-        fail(str(e))
+    paths = get_target(target, **opts).render(make_plan(job), output)
     for p in paths:
         out.print(str(p), highlight=False)
-
-
-@app.command()
-def report(run_id: Optional[str] = typer.Argument(None), runs_dir: Path = RunsDirOpt) -> None:
-    """(Re)write a run's HTML report with plots."""
-    from flotilla.monitor.report import write_report
-
-    rec = _find(run_id, runs_dir)
-    out.print(str(write_report(rec.dir)), highlight=False)
 
 
 @app.command()
@@ -348,11 +236,13 @@ def init(directory: Path = typer.Argument(Path("."), help="Where to write job.ya
 
 
 def _register_subcommands() -> None:
-    """Commands that live with their subsystem (images, certificates, clusters)."""
+    """Commands that live with their subsystem (run records, images, certificates, clusters)."""
+    from flotilla import cli_runs
     from flotilla.images.cli import images_app
     from flotilla.security import certs_command
-    from flotilla.targets.swarm import cluster_nodes_command
+    from flotilla.targets.swarm.cli import cluster_nodes_command
 
+    cli_runs.register(app)
     app.add_typer(images_app, name="images", help="Build (and push) the Flotilla container image.")
     app.command("certs")(certs_command)
     cluster = typer.Typer(no_args_is_help=True, help="Inspect the cluster a swarm job runs on.")
@@ -364,8 +254,12 @@ _register_subcommands()
 
 
 def main() -> None:
+    """Every FlotillaError ends here: one line on stderr, its exit code (2 bad input, 1 failed, 130 stopped)."""
     try:
         app()
+    except FlotillaError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
 

@@ -71,6 +71,22 @@ class RecordPaths:
         return self.dir / "observed.json"
 
     @property
+    def checkpoints(self) -> Path:  # round-<r>.npz: the global model after round r (the last few)
+        return self.dir / "checkpoints"
+
+    @property
+    def checkpoint(self) -> Path:  # the newest checkpoint: round, model file, the strategy's state
+        return self.dir / "checkpoint.json"
+
+    @property
+    def resume(self) -> Path:  # written by the driver: the next ServerApp continues from this checkpoint
+        return self.dir / "resume.json"
+
+    @property
+    def owner(self) -> Path:  # the driver's lease: its fleet stops itself when this goes stale
+        return self.dir / "owner.lease"
+
+    @property
     def outputs(self) -> Path:  # files the apps wrote in their working directories
         return self.dir / "outputs"
 
@@ -89,6 +105,8 @@ POLICY_ENV = "FLOTILLA_POLICY"
 METRICS_PORT_ENV = "FLOTILLA_METRICS_PORT"  # the ServerApp serves Prometheus metrics here (containers)
 RUN_ID_ENV = "FLOTILLA_RUN_ID"
 JOB_NAME_ENV = "FLOTILLA_JOB_NAME"
+OWNER_LEASE_ENV = "FLOTILLA_OWNER_LEASE"  # the driver's lease file: the fleet stops itself when it goes stale
+OWNER_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)

@@ -1,49 +1,64 @@
-"""The driver: submit a job to a target, follow it, write the record, clean up.
+"""The driver: submit a job to a target, follow it, recover it, write the record, clean up.
 
 Target-agnostic: a target starts the federation (`up`) and ends it (`down`);
-the driver waits until the fleet is connected, submits the Flower App with
-the `flwr` CLI, follows the run on Flower's Control API (its status is the
-run's outcome, for any app) and in the record the ServerApp's observer
-writes, watches the devices, and turns SIGINT/SIGTERM into an orderly stop.
-Whatever happens, `down` runs and summary.json is written.
+the driver waits until the fleet is connected and warm, submits the Flower
+App, follows the run on Flower's Control API (its status is the run's
+outcome, for any app) and in the record the ServerApp's observer writes, and
+keeps a lease the fleet watches (a killed driver leaves no fleet behind).
+The devices are watched by a Supervisor (exits, hangs, restarts). When the
+SuperLink or the ServerApp dies, the run resumes from its last checkpoint
+(`recovery.max_restarts` times): the ServerApp again on the same federation,
+or a new federation if the SuperLink is gone. SIGINT/SIGTERM stop it in
+order. Whatever happens, `down` runs and summary.json is written.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from flotilla.appspec import BUILTIN_FAB
 from flotilla.contracts import RecordPaths, trained
 from flotilla.diagnose import app_failure
+from flotilla.errors import RunFailure, StoppedError
+from flotilla.faults import FaultSchedule
 from flotilla.flower_control import ControlError, FlowerControl
 from flotilla.job import Job
-from flotilla.plan import Plan, format_node_config, make_plan
-from flotilla.runs import JsonlTail, RunRecord, new_run_id
+from flotilla.plan import Plan, make_plan
+from flotilla.runs import JsonlTail, RunRecord, append_jsonl
+from flotilla.runtime.checkpoint import read_checkpoint, request_resume
 from flotilla.runtime.commands import flower_env
+from flotilla.runtime.lease import Lease
+from flotilla.submit import app_dir_for, create_run, submit
+from flotilla.summary import read_json, write_summary
+from flotilla.supervise import Supervisor
 from flotilla.targets import Federation, Target, TargetError, get_target
-from flotilla.watchdog import Watchdog, advice
 
-CONNECTION = "flotilla"
 STATUS_EVERY_S = 1.0  # Flower's run status, on its Control API (~10 ms a request)
 HEALTH_EVERY_S = 1.0  # each device's kernel view (processes, CPU, memory pressure), for the watchdog
-CONTROL_FAILURES_FATAL = 15  # consecutive unanswered status requests: the SuperLink is gone
+SUPERLINK_SILENT_S = 3.0  # unanswered Control API requests this long (where the target cannot see it): gone
+SERVERAPP_SILENT_S = 3.0  # the ServerApp's heartbeat this stale: dead or frozen
 OBSERVER_FLUSH_S = 10.0  # after Flower says finished, wait this long for the observer's last rows
 
+__all__ = ["Driver", "Progress", "RunFailed", "Stopped", "create_run", "run_job"]
 
-class RunFailed(RuntimeError):
+
+class RunFailed(RunFailure):
     pass
 
 
-class Stopped(Exception):
+class Stopped(StoppedError):
     pass
+
+
+class Interrupted(RunFailure):
+    """The SuperLink or the ServerApp died: the run can go on from its last checkpoint."""
+
+    def __init__(self, what: str, why: str, detected: float) -> None:
+        super().__init__(f"the {what} {why}")
+        self.what, self.detected = what, detected
 
 
 @dataclass
@@ -61,65 +76,25 @@ class Progress:
     message: str = ""
 
 
-def create_run(job: Job, target: str, runs_dir: Path | None = None, run_id: str | None = None,
-               target_options: dict | None = None) -> RunRecord:
-    plan = make_plan(job)
-    # job.yaml holds what the job file set (paths resolved): readers tell a user's choice from a default
-    # (flotilla.strategy.Auto takes the job's train values only where they were set); plan.json has it all.
-    rec = RunRecord.create(Path(runs_dir or job.runs_dir), run_id or new_run_id(job.name),
-                           job.model_dump(mode="json", exclude_unset=True), plan.to_dict())
-    rec.write_state(target=target, target_options=target_options or {}, job_name=job.name,
-                    rounds=plan.target_rounds(), devices=[d.name for d in plan.devices], app=plan.app.name)
-    return rec
-
-
-def app_dir_for(job: Job, run: RunRecord) -> Path:
-    """The Flower App directory to submit (a copy: `flwr run` may rewrite its pyproject)."""
-    src = BUILTIN_FAB if job.builtin_app else Path(job.app)
-    dst = run.dir / "app"
-    if not dst.exists():
-        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", ".venv", "*.pyc", "runs"))
-    return dst
-
-
-def write_flwr_config(flwr_home: Path, fed: Federation) -> None:
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = [f"[superlink.{CONNECTION}]", f'address = "{fed.control_address}"']
-    if fed.insecure:
-        lines.append("insecure = true")
-    elif fed.root_certificates:
-        lines.append(f'root-certificates = "{fed.root_certificates}"')
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
-
-
-def run_config_toml(cfg: dict) -> str:
-    return "\n".join(f"{k} = {format_node_config({k: v}).split('=', 1)[1]}" for k, v in cfg.items()) + "\n"
-
-
 class Driver:
-    def __init__(self, job: Job, run: RunRecord, target: Target, metrics_port: int = 0) -> None:
+    def __init__(self, job: Job, run: RunRecord, target: Target, metrics_port: int = 0, resume: bool = False) -> None:
         self.job, self.run, self.target = job, run, target
         self.plan: Plan = make_plan(job)
         self.paths = RecordPaths(run.dir)
         self.metrics_port = metrics_port
+        self.resume = resume
         self.env = flower_env() | {"FLWR_HOME": str(run.dir / "flwr")}
         self.flwr_run_id: int | None = None
         self.control: FlowerControl | None = None
         self.progress = Progress(run.run_id, self.plan.target_rounds())
-        self.stop_reason: str | None = None
-        self.lost: dict[str, str] = {}  # device -> why
         self.notes: list[str] = []
-        self.watchdog = Watchdog()
-        self.in_flight: dict[str, tuple[str, float]] = {}  # message id -> (device, sent at)
-        self.oom_seen: dict[str, int] = {}  # device -> OOM kills already reported
+        self.devices = Supervisor(job, self.plan, run, target, self.progress, self.notes)
+        self.restarts = 0
+        self.submitted_at = 0.0
 
     # -- signals -------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
-        self.stop_reason = signal.Signals(signum).name
-        raise Stopped(f"stopped by {self.stop_reason}")
-
-    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        raise Stopped(f"stopped by {signal.Signals(signum).name}")
 
     # -- the run -------------------------------------------------------------
     def _start_monitor(self):
@@ -145,27 +120,24 @@ class Driver:
         return end
 
     def execute(self, on_update=None) -> dict:
-        end_monitor = self._start_monitor()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         status, error = "failed", None
-        self.run.write_state(status="starting", driver_pid=os.getpid(), started=time.time())
+        self.run.write_state(status="starting", driver_pid=os.getpid(), started=time.time(), ended=None, error=None)
         for note in self.plan.run_config_notes():
             self._note(note)
+        end_monitor = lambda: None  # noqa: E731
+        lease = Lease(self.paths.owner)
         try:
             try:
-                app_dir_for(self.job, self.run)  # the copy is what runs (and what devices preload)
-                fed = self.target.up(self.plan, self.run)
-                self.control = FlowerControl(fed.control_address, fed.insecure, fed.root_certificates)
-                self._wait_for_fleet(on_update)
-                self.run.write_state(status="running", control_address=fed.control_address)
-                self._submit(fed)
-                self._follow(on_update)
+                lease.__enter__()
+                end_monitor = self._start_monitor()
+                self._run(on_update)
                 status = "completed"
             except Stopped as stop:
                 status, error = "stopped", str(stop)
                 self.progress.message = error
                 self._stop_flower_run()
-            except (TargetError, RunFailed) as err:
+            except (TargetError, RunFailure) as err:
                 status, error = "failed", str(err)
                 self._stop_flower_run()
             except Exception as err:  # noqa: BLE001 - any crash still ends in a clean teardown and a record
@@ -180,29 +152,97 @@ class Driver:
                     self.control.close()
                 end_monitor()
                 self.target.down(self.run)
+                lease.__exit__(None, None, None)
             finally:
                 for s, h in old.items():
                     signal.signal(s, h)
         self.progress.status = status
-        return self._finish(status, error)
+        self.target.collect_outputs(self.run)
+        return write_summary(self.run, status, error, target_name=self.target.name, notes=self.notes,
+                             lost=self.devices.down | self.devices.lost_for_good, rounds_target=self.progress.rounds)
+
+    def _run(self, on_update) -> None:
+        """Up, submit, follow; after a crash of the SuperLink or the ServerApp, again from the last checkpoint."""
+        app_dir_for(self.job, self.run)  # the copy is what runs (and what devices preload)
+        fed = self._bring_up(on_update)
+        resume = self.resume
+        while True:
+            self._submit(fed, resume)
+            try:
+                self._follow(on_update)
+                return
+            except Interrupted as intr:
+                fed = self._recover(intr, fed, on_update)
+                resume = True
+
+    def _bring_up(self, on_update) -> Federation:
+        fed = self.target.up(self.plan, self.run)
+        if self.control is not None:
+            self.control.close()
+        self.control = FlowerControl(fed.control_address, fed.insecure, fed.root_certificates)
+        self._wait_for_fleet(on_update)
+        self.run.write_state(status="running", control_address=fed.control_address)
+        return fed
+
+    def _submit(self, fed: Federation, resume: bool) -> None:
+        self.paths.resume.unlink(missing_ok=True)
+        if resume:
+            cp = request_resume(self.paths)
+            if cp is not None:
+                self._note(f"resuming after round {cp.round} (its checkpoint)")
+                self.progress.round = cp.round
+        self.submitted_at = time.time()
+        self.flwr_run_id = submit(self.plan, self.run, fed, self.env)
+        self.run.write_state(flwr_run_id=self.flwr_run_id, flwr_run_ids=self.run.state().get("flwr_run_ids", [])
+                             + [self.flwr_run_id])
+
+    def _recover(self, intr: Interrupted, fed: Federation, on_update) -> Federation:
+        """Restart what died and go on from the last checkpoint, losing at most the round in flight."""
+        cp = read_checkpoint(self.paths)
+        if self.restarts >= self.job.recovery.max_restarts:
+            raise RunFailed(f"{intr} and recovery.max_restarts={self.job.recovery.max_restarts} are used up"
+                            + (f" (the last checkpoint is after round {cp.round}: `flotilla resume`)" if cp else ""))
+        self.restarts += 1
+        print(f"flotilla: {intr}; recovering ({self.restarts} of {self.job.recovery.max_restarts}) from "
+              + (f"round {cp.round}" if cp else "the start"), file=sys.stderr, flush=True)
+        self._event(f"{intr.what}_down", why=str(intr), detected=intr.detected)
+        self._stop_flower_run()
+        if intr.what == "superlink":  # the whole federation again (its SuperNodes end with it)
+            self.target.down(self.run)
+            fed = self._bring_up(on_update)
+        else:
+            try:  # a frozen ServerApp still holds the run: end it
+                self.target.inject(self.run, "kill", "serverapp")
+            except Exception:  # noqa: BLE001 - it is gone already
+                pass
+        recoveries = self.run.state().get("recoveries", []) + [
+            {"what": intr.what, "why": str(intr), "detected": intr.detected, "from_round": cp.round if cp else 0,
+             "restarted": time.time()}]
+        self.run.write_state(recoveries=recoveries)
+        self._event("resumed", from_round=cp.round if cp else 0)
+        return fed
 
     def _note(self, note: str) -> None:
         self.notes.append(note)
         print(f"flotilla: note: {note}", file=sys.stderr, flush=True)
 
+    def _event(self, kind: str, **kw) -> None:
+        append_jsonl(self.paths.dir / "recovery.jsonl", {"t": time.time(), "event": kind, **kw})
+
     def _wait_for_fleet(self, on_update) -> None:
-        """Hold the app until every device is connected (or start_timeout_s passed with min_devices): round 1
-        then includes the whole fleet. A device that exits meanwhile is reported and not waited for."""
+        """Hold the app until every device is connected and warm (or start_timeout_s passed with min_devices):
+        round 1 then includes the whole fleet. A device that exits meanwhile is reported and not waited for."""
         expected = len(self.plan.devices)
         need = self.job.strategy.min_devices
         t0 = time.time()
         end = t0 + self.job.strategy.start_timeout_s
         online: list[int] = []
         while True:
-            self._check_devices()
-            alive = expected - len(self.lost)
-            if alive < need:
-                raise RunFailed(f"only {alive} of {expected} devices started, fewer than strategy.min_devices={need}")
+            self.devices.check()
+            alive = expected - len(self.devices.down) - len(self.devices.lost_for_good)
+            if self.devices.alive() < need:
+                raise RunFailed(f"only {self.devices.alive()} of {expected} devices started, fewer than "
+                                f"strategy.min_devices={need}")
             try:
                 online = self.control.online_nodes()
             except ControlError as err:
@@ -232,75 +272,79 @@ class Driver:
         can say so; elsewhere every connected device counts."""
         if not self.target.devices_share_record:
             return len(self.plan.devices)
-        return sum(1 for d in self.plan.devices
-                   if d.name not in self.lost and (self.paths.nodes / f"{d.name}.ready").exists())
-
-    def _submit(self, fed: Federation) -> None:
-        write_flwr_config(self.run.dir / "flwr", fed)
-        app_dir = app_dir_for(self.job, self.run)
-        cfg = self.plan.run_config()
-        cmd = ["run", str(app_dir), CONNECTION, "--format", "json"]
-        if cfg:
-            cfg_path = self.run.dir / "run_config.toml"
-            cfg_path.write_text(run_config_toml(cfg))
-            cmd += ["--run-config", str(cfg_path)]
-        res = self.flwr(*cmd)
-        self.run.log_path("flwr-run").write_text(res.stdout + res.stderr)
-        try:
-            out = json.loads(res.stdout[res.stdout.index("{"):])
-        except ValueError:
-            out = {}
-        if res.returncode != 0 or not out.get("success", True) or "run-id" not in out:
-            tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-            raise RunFailed(f"flwr run failed to submit the app: {' | '.join(tail)}")
-        self.flwr_run_id = int(out["run-id"])
-        self.run.write_state(flwr_run_id=self.flwr_run_id)
+        return sum(1 for d in self.plan.devices if (self.paths.nodes / f"{d.name}.ready").exists())
 
     def _follow(self, on_update) -> None:
         from flotilla.throttle import Throttler
 
         throttler = Throttler(self.run) if self.job.heterogeneity.throttle else None
+        faults = FaultSchedule(self.run, self.job.faults, self.target) if self.job.faults else None
         rounds = JsonlTail(self.paths.metrics)
-        messages = JsonlTail(self.paths.messages)
         last_status = last_health = 0.0
-        control_failures = 0
+        control_ok = time.time()
         while True:
             for row in rounds.read_new():
                 self._on_round(row)
-            if time.time() - last_health >= HEALTH_EVERY_S:
-                last_health = time.time()
-                self._watch(messages)
             if throttler is not None:
                 for rec in throttler.tick():
-                    self.progress.message = (f"throttled {rec['device']}: cpus={rec.get('cpus')} "
-                                             f"memory={rec.get('memory')}" + (f" ({rec['error']})" if rec.get("error") else ""))
-            self._check_devices()
-            alive = len(self.plan.devices) - len(self.lost)
+                    self.progress.message = (f"throttled {rec['device']}: cpus={rec.get('cpus')} memory="
+                                             f"{rec.get('memory')}" + (f" ({rec['error']})" if rec.get("error") else ""))
+            if faults is not None:
+                for rec in faults.tick():
+                    self.progress.message = f"fault injected: {rec.get('what') or rec.get('error')}"
+            self.devices.check()
+            if time.time() - last_health >= HEALTH_EVERY_S:
+                last_health = time.time()
+                self.devices.watch()
+            alive = self.devices.alive()
             if alive < self.job.strategy.min_devices:
                 raise RunFailed(f"only {alive} devices left, fewer than strategy.min_devices="
                                 f"{self.job.strategy.min_devices}")
+            if self.target.superlink_alive(self.run) is False:
+                raise Interrupted("superlink", "exited", time.time())
+            self._check_serverapp()
             if on_update:
                 on_update(self.progress)
             if time.time() - last_status >= STATUS_EVERY_S:
                 last_status = time.time()
                 try:
                     state = self.control.run_state(self.flwr_run_id)
-                    control_failures = 0
+                    control_ok = time.time()
                 except ControlError as err:
-                    control_failures += 1
-                    if control_failures >= CONTROL_FAILURES_FATAL:
-                        raise RunFailed(f"the SuperLink stopped answering ({err}); see {self.run.log_path('superlink')}")
+                    if time.time() - control_ok > SUPERLINK_SILENT_S:
+                        raise Interrupted("superlink", f"stopped answering ({err})", time.time()) from None
                     state = None
                 if state is not None and state.finished:
                     self._await_observer()
                     for row in rounds.read_new():
                         self._on_round(row)
-                    if state.sub_status == "completed":
-                        return
-                    if state.sub_status == "stopped":
-                        raise Stopped("the Flower run was stopped (flwr stop)")
-                    raise RunFailed(self._failure(state.details))
+                    self._finished(state)
+                    return
             time.sleep(0.25)
+
+    def _finished(self, state) -> None:
+        if state.sub_status == "completed":
+            return
+        if state.sub_status == "stopped":
+            raise Stopped("the Flower run was stopped (flwr stop)")
+        obs = read_json(self.paths.observed)
+        if obs.get("t", 0) >= self.submitted_at and obs.get("error"):  # the app's own exception: no retry
+            raise RunFailed(self._failure(state.details))
+        raise Interrupted("serverapp", f"ended without finishing ({state.details or 'no reason given'})", time.time())
+
+    def _check_serverapp(self) -> None:
+        """A ServerApp that stopped its heartbeat (killed, frozen) while Flower still counts the run as running."""
+        hb = self.paths.dir / "serverapp.heartbeat"
+        try:
+            mtime = hb.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if mtime >= self.submitted_at and time.time() - mtime > SERVERAPP_SILENT_S and not self._app_done():
+            raise Interrupted("serverapp", f"stopped (no heartbeat for {time.time() - mtime:.0f} s)", time.time())
+
+    def _app_done(self) -> bool:
+        obs = read_json(self.paths.observed)
+        return obs.get("t", 0) >= self.submitted_at
 
     def _on_round(self, row: dict) -> None:
         if row.get("round", 0) < 1:
@@ -314,74 +358,12 @@ class Driver:
 
     def _await_observer(self) -> None:
         end = time.time() + OBSERVER_FLUSH_S
-        while not self.paths.observed.exists() and time.time() < end:
+        while not self._app_done() and time.time() < end:
             time.sleep(0.1)
 
     def _failure(self, details: str) -> str:
         logs = {d.name: self.target.log_path(self.run, d.name) for d in self.plan.devices}
         return "the app failed: " + app_failure(details, self.run.log_path("serverapp"), logs)
-
-    def _check_devices(self) -> None:
-        for name, state in self.target.device_states(self.run).items():
-            self.progress.devices.setdefault(name, {})["state"] = state
-            if state == "exited" and name not in self.lost:
-                self._device_lost(name)
-
-    def _watch(self, messages: JsonlTail) -> None:
-        """Devices that stopped answering without exiting (stopped, thrashing, hung): stop them, report them."""
-        for ev in messages.read_new():
-            if ev.get("event") == "sent" and ev.get("mid"):
-                self.in_flight[ev["mid"]] = (ev.get("device", ""), float(ev.get("t", time.time())))
-            elif ev.get("event") == "reply":
-                sent = self.in_flight.pop(ev.get("mid", ""), None)
-                if sent and ev.get("reply_s"):
-                    self.watchdog.reply_time(sent[0], float(ev["reply_s"]))
-        since: dict[str, float] = {}
-        for device, t in self.in_flight.values():
-            since[device] = min(since.get(device, t), t)
-        for i, d in enumerate(self.plan.devices):
-            if d.name in self.lost:
-                continue
-            health = self.target.device_health(self.run, d.name)
-            if health is None:
-                continue
-            self._report_oom_kills(d, health)
-            why = self.watchdog.observe(d.name, health, since.get(d.name))
-            if why:
-                cls_index = next(k for k, c in enumerate(self.job.devices) if c.name == d.device_class)
-                self.target.stop_device(self.run, d.name)
-                self._device_lost(d.name, f"{why}; {advice(why, cls_index, health.limit)}", stuck=True)
-
-    def _report_oom_kills(self, d, health) -> None:
-        """A process of a device killed by its memory limit (its fork server, a ClientApp) while the device
-        lives on: its replies fail from now on. Say so, with the limit and what to change."""
-        seen = self.oom_seen.get(d.name, 0)
-        if health.oom_kills <= seen:
-            return
-        self.oom_seen[d.name] = health.oom_kills
-        idx = next(k for k, c in enumerate(self.job.devices) if c.name == d.device_class)
-        limit = f"{health.limit // 2**20} MiB" if health.limit else "its limit"
-        msg = (f"device {d.name}: the kernel killed {health.oom_kills} of its processes at its memory limit "
-               f"({limit}); its ClientApps fail until it has more memory: raise devices[{idx}].memory or make "
-               "the app use less")
-        self.progress.message = msg
-        self.notes = [n for n in self.notes if not n.startswith(f"device {d.name}: the kernel killed")] + [msg]
-        print(f"flotilla: {msg}", file=sys.stderr, flush=True)
-
-    def _device_lost(self, name: str, why: str | None = None, stuck: bool = False) -> None:
-        tail = _tail(self.target.log_path(self.run, name), 8)
-        if stuck:
-            msg = f"device {name} stopped answering: {why}; Flotilla stopped it"
-        else:
-            code = self.target.exit_code(self.run, name)
-            why = why or self.target.explain_exit(self.run, name)
-            msg = f"device {name} exited (code {code})" + (f": {why}" if why else "")
-        msg += "; last log lines:\n" + "\n".join("    " + t for t in tail)
-        self.lost[name] = why or "exited"
-        self.progress.message = msg
-        print(f"flotilla: {msg}", file=sys.stderr, flush=True)
-        self.paths.lost_devices.write_text(json.dumps(sorted(self.lost)))
-        self.run.write_state(lost_devices=sorted(self.lost), lost_reasons=self.lost)
 
     def _stop_flower_run(self) -> None:
         if self.flwr_run_id is None or self.control is None:
@@ -391,84 +373,10 @@ class Driver:
         except ControlError:
             pass
 
-    def _finish(self, status: str, error: str | None) -> dict:
-        st = self.run.state()
-        rounds = [r for r in self.run.rounds() if r.get("round", 0) >= 1]
-        per_device: dict[str, dict] = {
-            d.name: {"name": d.name, "class": d.device_class, "train_s": 0.0} for d in self.plan.devices
-        }
-        for r in rounds:
-            for d in r.get("devices", []):
-                if d["name"] in per_device and trained(d):
-                    per_device[d["name"]]["train_s"] = round(per_device[d["name"]]["train_s"] + (d.get("train_s") or 0),
-                                                             3)
-        observed = _read_json(self.paths.observed)
-        seen = observed.get("metrics_seen", {})
-        notes = list(self.notes)
-        acc_key = self.job.metrics.accuracy
-        if rounds and all(r.get("accuracy") is None for r in rounds):
-            names = sorted({m for scope in seen.values() for m in scope})
-            notes.append(f"no metric named {acc_key!r} was reported; the app reported: "
-                         f"{', '.join(names) or 'none'} (set metrics.accuracy in the job to one of them)")
-        ended = time.time()
-        summary = {
-            "run_id": self.run.run_id,
-            "status": status,
-            "app": self.plan.app.name,
-            "final_accuracy": next((r["accuracy"] for r in reversed(rounds) if r.get("accuracy") is not None), None),
-            "accuracy_metric": acc_key,
-            "rounds_target": self.progress.rounds,
-            "rounds": [{k: r.get(k) for k in ("round", "accuracy", "loss", "wall_s")} for r in rounds],
-            "devices": list(per_device.values()),
-            "metrics_seen": seen,
-            "wall_s": round(ended - st.get("started", ended), 3),
-            "target": self.target.name,
-            "limits_enforced": st.get("limits_enforced", False),
-            "lost_devices": sorted(self.lost),
-            "started": st.get("started"),
-            "ended": ended,
-            "error": error,
-            "notes": notes,
-        }
-        for o in self._collect_outputs():
-            summary.setdefault("outputs", []).append(o)
-        self.run.summary_path.write_text(json.dumps(summary, indent=2))
-        self.run.write_state(status=status, ended=ended, error=error)
-        try:
-            from flotilla.monitor.report import write_report
-
-            write_report(self.run.dir)
-        except Exception as err:  # noqa: BLE001 - a report problem must not turn a good run into a failed one
-            print(f"flotilla: could not write the report: {err}", file=sys.stderr)
-        return summary
-
-    def _collect_outputs(self) -> list[str]:
-        """Files the apps wrote in their working directories (the record's outputs/), relative paths."""
-        self.target.collect_outputs(self.run)
-        root = self.paths.outputs
-        if not root.is_dir():
-            return []
-        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        doc = json.loads(path.read_text())
-        return doc if isinstance(doc, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _tail(path: Path, n: int) -> list[str]:
-    try:
-        return path.read_text(errors="replace").rstrip().splitlines()[-n:]
-    except FileNotFoundError:
-        return ["(no log)"]
-
 
 def run_job(job: Job, target_name: str | None = None, run: RunRecord | None = None, on_update=None,
-            metrics_port: int = 0, target_options: dict | None = None) -> dict:
+            metrics_port: int = 0, target_options: dict | None = None, resume: bool = False) -> dict:
     target_name = target_name or job.target
     run = run or create_run(job, target_name, target_options=target_options)
     target = get_target(target_name, **run.state().get("target_options", {}))
-    return Driver(job, run, target, metrics_port).execute(on_update)
+    return Driver(job, run, target, metrics_port, resume=resume).execute(on_update)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flotilla.errors import RunFailure
 
-class ControlError(RuntimeError):
+
+class ControlError(RunFailure):
     """The SuperLink's Control API did not answer."""
 
 

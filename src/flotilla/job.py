@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
+from flotilla.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 BUILTIN_APPS = ("mnist",)
@@ -26,7 +27,7 @@ _MEM_UNITS = {
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?$")
 
 
-class JobError(ValueError):
+class JobError(UserError):
     """A bad job file; the message is one line naming the field or file."""
 
 
@@ -174,6 +175,46 @@ class Heterogeneity(_Strict):
     throttle: list[ThrottleStep] = []
 
 
+class Recovery(_Strict):
+    max_restarts: int = Field(
+        3, ge=0, le=100, description="Times the federation or the ServerApp is restarted after a crash (the run "
+        "resumes from its last checkpoint) before the run fails; 0: no automatic recovery.")
+    device_restarts: int = Field(
+        5, ge=0, le=1000, description="Times each device is restarted (with back-off) after it dies or hangs before "
+        "it counts as lost for good; 0: never.")
+
+
+FAULT_PROCESSES = ("superlink", "serverapp")
+
+
+class Fault(_Strict):
+    """One fault to inject, for tests and demos: what and when."""
+
+    at_round: int | None = Field(None, ge=1, description="When this round starts.")
+    at_s: float | None = Field(None, ge=0, description="Seconds after round 1 starts.")
+    kill: str | None = Field(None, description="SIGKILL a device, the superlink or the serverapp.")
+    pause: str | None = Field(None, description="SIGSTOP a device, the superlink or the serverapp (a hang).")
+    for_s: float | None = Field(None, gt=0, description="pause: resume it after this long (default: never).")
+
+    @model_validator(mode="after")
+    def _one(self) -> "Fault":
+        if (self.at_s is None) == (self.at_round is None):
+            raise ValueError("give exactly one of at_s or at_round")
+        if (self.kill is None) == (self.pause is None):
+            raise ValueError("give exactly one of kill or pause")
+        if self.for_s is not None and self.pause is None:
+            raise ValueError("for_s goes with pause")
+        return self
+
+    @property
+    def action(self) -> str:
+        return "kill" if self.kill else "pause"
+
+    @property
+    def process(self) -> str:
+        return self.kill or self.pause or ""
+
+
 AppConfigValue = bool | int | float | str
 
 
@@ -189,6 +230,8 @@ class Job(_Strict):
     strategy: Strategy = Strategy()
     train: Train = Train()
     heterogeneity: Heterogeneity = Heterogeneity()
+    recovery: Recovery = Recovery()
+    faults: list[Fault] = Field([], description="Faults to inject (tests, demos): kill or pause a process.")
     devices: list[DeviceClass] = Field(min_length=1)
     target: Literal["local", "compose", "swarm", "k8s"] = "local"
     runs_dir: Path = Path("runs")
@@ -226,6 +269,10 @@ class Job(_Strict):
                     f"heterogeneity.throttle[{i}].device {step.device!r} is not a device of this job "
                     f"(devices are named <class>-<n>, e.g. {sorted(known)[0]})"
                 )
+        for i, f in enumerate(self.faults):
+            if f.process not in known and f.process not in FAULT_PROCESSES:
+                raise ValueError(f"faults[{i}].{f.action} {f.process!r} is neither a device of this job nor one of "
+                                 f"{', '.join(FAULT_PROCESSES)} (devices are named <class>-<n>, e.g. {sorted(known)[0]})")
         total = sum(d.count for d in self.devices)
         if self.strategy.min_devices > total:
             raise ValueError(
@@ -261,14 +308,14 @@ def _field_path(loc: tuple) -> str:
 def _first_error(err: ValidationError, source: str) -> str:
     e = err.errors()[0]
     loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("function-", "literal["))))
-    field = _field_path(loc) or "(top level)"
+    field = _field_path(loc)
     msg = e["msg"].removeprefix("Value error, ")
     if e["type"] == "extra_forbidden":
         msg = "unknown field; check its spelling (flotilla schema lists the fields)"
     elif e["type"] == "missing":
         msg = "required field is missing"
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
-    return f"{source}: {field}: {msg}{more}"
+    return f"{source}: {field}: {msg}{more}" if field else f"{source}: {msg}{more}"  # job-wide checks name it
 
 
 def parse_job(doc: object, source: str = "job") -> Job:

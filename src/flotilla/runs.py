@@ -22,11 +22,13 @@ from pathlib import Path
 
 import yaml
 
+from flotilla.errors import UserError
+
 STATE_FILE = "state.json"
 TERMINAL = ("completed", "failed", "stopped")
 
 
-class RunNotFound(LookupError):
+class RunNotFound(UserError, LookupError):
     pass
 
 

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flotilla.runs import RunRecord
-from flotilla.targets.local import pid_alive
+from flotilla.sandbox.procs import pid_alive
 
 
 def run_status(rec: RunRecord) -> dict:

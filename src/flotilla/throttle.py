@@ -31,11 +31,13 @@ import yaml
 from flotilla.job import JobError, ThrottleStep, parse_job, parse_memory
 from flotilla.runs import JsonlTail, RunRecord, append_jsonl, read_jsonl
 
+from flotilla.errors import UserError
+
 THROTTLE_FILE = "throttle.jsonl"
 ROUND_STARTS_FILE = "round_starts.jsonl"  # written by the ServerApp as each round begins
 
 
-class ThrottleError(ValueError):
+class ThrottleError(UserError):
     """A throttle that cannot be done; the message is one line saying why and what to do."""
 
 

@@ -83,8 +83,9 @@ def train(msg: Message, context: Context) -> Message:
             "ahead-s": float(res.get("ahead_s", 0.0)),
             "started": started,
             "ended": time.time(),
-            # effective limits now (a throttle shows here); the ServerApp records them per round
-            **{k: float(res[k]) for k in ("cpus", "memory") if res.get(k) is not None},
+            # effective limits now (a throttle shows here), 0 where the device has none: every reply carries
+            # the same keys (Flower refuses to aggregate replies whose metrics differ in keys)
+            **{k: float(res.get(k) or 0.0) for k in ("cpus", "memory")},
         }
     )
     return Message(RecordDict({"arrays": record, "metrics": metrics, "device": ConfigRecord(_device(context))}), reply_to=msg)

@@ -60,12 +60,11 @@ def query_capabilities(grid: FleetGrid, expected: int, wait_s: float) -> list[di
     return out
 
 
-def make_strategy(cfg: BuiltinConfig, expected: int, caps: list[dict], on_round_start=None) -> FleetFedAvg:
+def make_strategy(cfg: BuiltinConfig, expected: int, caps: list[dict]) -> FleetFedAvg:
     """FedAvg for policies none/manual (every device, equal footing); FleetAuto for auto."""
     common = dict(
         expected_devices=expected,
         fleet_wait_s=cfg.fleet_wait_s,
-        on_round_start=on_round_start,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=0.0,  # evaluation is central: no evaluate messages, no round-trip
         min_train_nodes=cfg.min_devices,
@@ -113,7 +112,7 @@ def main(grid: Grid, context: Context) -> None:
     paths = RecordPaths(Path(record)) if record else None
     observer = active()
     expected = cfg.expected_devices or cfg.min_devices
-    fleet = FleetGrid(grid, poll_s=0.1, lost_file=paths.lost_devices if paths else None)
+    fleet = FleetGrid(grid, poll_s=0.1, lost_file=paths.lost_devices if paths else None, observer=observer)
 
     caps = query_capabilities(fleet, expected, cfg.fleet_wait_s)
     for cap in caps:
@@ -122,8 +121,13 @@ def main(grid: Grid, context: Context) -> None:
     x_test, y_test = to_tensors(*load_test(cfg.dataset, cfg.data_path or None, cfg.test_fraction, cfg.partition_seed))
     model = Net()
     keys, _ = get_weights(model)
-    # The host's observer writes round starts for every app; without one (plain `flwr run`), nothing is written.
     strategy = make_strategy(cfg, expected, caps)
+    resume = observer.resume if observer is not None else None
+    if resume is not None:  # continue from the checkpoint: its model, the planner's estimates, its round
+        strategy.round_offset = resume.round
+        strategy.load_state_dict(resume.state)
+    if observer is not None:
+        observer.state_provider = strategy.state_dict
     strategy.node_names = fleet.node_names
     strategy.device_classes = {c["name"]: c["class"] for c in caps}
     last_caps = {c["name"]: c for c in caps}
@@ -157,7 +161,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         result = strategy.start(
             grid=fleet,
-            initial_arrays=ArrayRecord(model.state_dict()),
+            initial_arrays=resume.arrays() if resume is not None else ArrayRecord(model.state_dict()),
             num_rounds=cfg.num_server_rounds,
             timeout=cfg.round_timeout_s,
             train_config=ConfigRecord({"seed": cfg.seed}),

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flotilla.errors import UserError
+
 DATASETS = ("mnist-5k", "mnist", "digits")
 CACHE_VERSION = 1  # bump when the cached arrays change meaning
 
@@ -35,7 +37,7 @@ MNIST_FILES = {
 MNIST_HELP = "download the four MNIST IDX files (train-/t10k- images and labels, .gz is fine) into it"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Unusable data; the message is one line naming the file or field and what to do."""
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import flotilla
 
+from flotilla.errors import UserError
+
 DEFAULT_BASE_IMAGE = "python:3.11-slim"
 DOCKERFILE = Path(__file__).with_name("Dockerfile")
 IMAGE_NAME = "flotilla"
@@ -36,7 +38,7 @@ PIP_PLATFORMS = {
 }
 
 
-class ImageError(RuntimeError):
+class ImageError(UserError, RuntimeError):
     """The image could not be built; the message says what to do."""
 
 

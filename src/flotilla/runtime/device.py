@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 from flotilla.plan import format_node_config
+from flotilla.contracts import OWNER_LEASE_ENV
 from flotilla.runtime.commands import flower_env
+from flotilla.runtime.lease import owner_gone
 from flotilla.runtime.preload import PRELOAD_ENV, READY_FILE_ENV, THREADS_ENV
 from flotilla.runtime.supernode import DEVICE_CLASS_ENV, DEVICE_ENV, NODE_FILE_ENV
 
@@ -91,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--auth-supernode-private-key", args.auth_private_key]
         children.append(("supernode", subprocess.Popen(cmd, env=env)))
         print(f"flotilla device {args.name}: started (pids {[c.pid for _, c in children]})", flush=True)
+        lease = os.environ.get(OWNER_LEASE_ENV)
         while not stopping:
+            if owner_gone(lease):
+                print(f"flotilla device {args.name}: its driver is gone (lease {lease} stale); stopping",
+                      file=sys.stderr, flush=True)
+                return 0
             for what, c in children:
                 if c.poll() is not None:
                     print(f"flotilla device {args.name}: {what} exited with code {c.returncode}", file=sys.stderr,

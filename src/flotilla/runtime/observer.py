@@ -13,10 +13,8 @@ and its server-side (central) evaluation. Rounds go to the run record's
 metrics.jsonl in the same shape the built-in app's rounds have, so status,
 the live view, Prometheus and the report read every app alike.
 
-The grid also gives the app the engine's speed: HttpGrid's send_and_receive
-sleeps 3 s between pulls, this one 0.1 s; and a message to a device the
-driver reported lost is answered at once with Flower's own NODE_UNAVAILABLE
-error instead of being waited for until the app's timeout.
+The grid (flotilla.runtime.observing_grid) also gives the app the engine's
+speed and answers for lost devices at once.
 """
 
 from __future__ import annotations
@@ -25,17 +23,14 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 
 from flotilla.contracts import STAMP_KEY, DeviceStatus, RecordPaths
+from flotilla.runtime.fleetview import FleetView
 
-POLL_S = 0.1  # pulls while waiting for replies (HttpGrid: 3 s)
-LOST_CHECK_S = 1.0  # how often the lost-device list is re-read while waiting
 
 
 def _num(v) -> float | None:
@@ -144,50 +139,34 @@ class Observer:
         self.paths = RecordPaths(Path(record_dir)) if record_dir else None
         self.accuracy_key, self.loss_key, self.policy = accuracy_key, loss_key, policy
         self.exporter = exporter
-        self.names: dict[int, tuple[str, str]] = {}  # node id -> (device name, class)
+        self.fleet = FleetView(self.paths)  # node id <-> device, and which nodes are usable
         self.rounds: dict[int, RoundObs] = {}
         self.current = 0
         self.num_rounds: int | None = None  # what the app's strategy was started with, when it says
         self.metrics_seen: dict[str, set[str]] = {"server": set(), "train": set(), "evaluate": set()}
         self.final_arrays: ArrayRecord | None = None
         self.last_sent_arrays: ArrayRecord | None = None
+        self.round_arrays: dict[int, ArrayRecord] = {}  # the app's aggregate of each round, where hooked
+        self.state_provider = None  # a Flotilla strategy's state_dict(), saved with each round's checkpoint
+        self.resume = None  # the checkpoint (flotilla.runtime.checkpoint) this ServerApp continues from
         self.app_writes_rounds = False  # the built-in app hands its own round records to round_detail()
         self._lock = threading.RLock()
         self._exchanges: dict[str, Exchange] = {}
-        self._node_file_mtime = 0.0
         self._closed = False
 
     # -- names ---------------------------------------------------------------
-    def name_of(self, node_id: int) -> tuple[str, str]:
-        if node_id not in self.names:
-            self._read_node_files()
-        return self.names.get(node_id, (f"node-{node_id}", ""))
+    @property
+    def names(self) -> dict[int, tuple[str, str]]:
+        return self.fleet.names
 
-    def _read_node_files(self) -> None:
-        """Devices write their node id where the record is shared (local, compose): names before any reply."""
-        if self.paths is None or not self.paths.nodes.is_dir():
-            return
-        try:
-            mtime = self.paths.nodes.stat().st_mtime
-        except OSError:
-            return
-        if mtime == self._node_file_mtime:
-            return
-        self._node_file_mtime = mtime
-        for f in self.paths.nodes.glob("*.json"):
-            try:
-                doc = json.loads(f.read_text())
-                self.names.setdefault(int(doc["node_id"]), (str(doc["device"]), str(doc.get("class", ""))))
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
+    def name_of(self, node_id: int) -> tuple[str, str]:
+        return self.fleet.name_of(node_id)
 
     def lost_devices(self) -> set[str]:
-        if self.paths is None:
-            return set()
-        try:
-            return set(json.loads(self.paths.lost_devices.read_text()))
-        except (OSError, ValueError):
-            return set()
+        return self.fleet.lost()
+
+    def usable(self, node_id: int) -> bool:
+        return self.fleet.usable(node_id)
 
     # -- traffic -----------------------------------------------------------------
     def sent(self, messages: list[Message], ids: list[str], t: float) -> None:
@@ -220,7 +199,7 @@ class Observer:
                 stamp = dict(reply.content[STAMP_KEY])
                 del reply.content[STAMP_KEY]
             if stamp.get("device"):
-                self.names[reply.metadata.src_node_id] = (str(stamp["device"]), str(stamp.get("class", "")))
+                self.fleet.learn(reply.metadata.src_node_id, str(stamp["device"]), str(stamp.get("class", "")))
             if ex is None:
                 return
             ex.answered, ex.stamp = t, stamp
@@ -260,12 +239,17 @@ class Observer:
             if done or server_round == 0:
                 self._emit(rnd)
 
-    def aggregated(self, server_round: int, kind: str, metrics: dict | None, done: bool = False) -> None:
-        """The app's own aggregate of a round's train or evaluate replies."""
+    def aggregated(self, server_round: int, kind: str, metrics: dict | None, done: bool = False,
+                   arrays: ArrayRecord | None = None) -> None:
+        """The app's own aggregate of a round's train or evaluate replies (and, for train, its new model)."""
         with self._lock:
             rnd = self._round(server_round, time.time())
             if metrics:
                 rnd.app_metrics[kind] = {k: x for k, v in dict(metrics).items() if (x := _num(v)) is not None}
+            if arrays is not None:
+                self.round_arrays[server_round] = arrays
+                for r in [r for r in self.round_arrays if r < server_round - 1]:
+                    del self.round_arrays[r]
             if done:
                 self._emit(rnd)
 
@@ -290,6 +274,9 @@ class Observer:
     def _round(self, r: int, t: float) -> RoundObs:
         if r not in self.rounds:
             self.rounds[r] = RoundObs(r, t)
+            if self.resume is not None and r <= self.resume.round:  # recorded before the restart
+                self.rounds[r].emitted = True
+                return self.rounds[r]
             if r >= 1 and self.paths is not None:
                 _append(self.paths.round_starts, {"round": r, "t_start": t})
         return self.rounds[r]
@@ -310,8 +297,28 @@ class Observer:
         row = self.round_row(rnd)
         if self.paths is not None:
             _append(self.paths.metrics, row)
+            self._checkpoint(rnd.number)
         if self.exporter is not None:
             self.exporter.observe_round(row)
+
+    def _checkpoint(self, server_round: int) -> None:
+        """The model after this round (the app's aggregate, else what it sent last) and a Flotilla strategy's
+        state: what `flotilla resume` and automatic recovery continue from."""
+        from flotilla.runtime.checkpoint import write_checkpoint
+
+        if server_round < 1:
+            return
+        arrays = self.round_arrays.get(server_round)
+        if arrays is None:
+            older = [r for r in self.round_arrays if r < server_round]
+            arrays = self.round_arrays[max(older)] if older else self.last_sent_arrays
+        if arrays is None:
+            return
+        try:
+            state = self.state_provider() if self.state_provider else {}
+            write_checkpoint(self.paths, server_round, arrays, state)
+        except Exception as err:  # noqa: BLE001 - a failed checkpoint must not fail the app's round
+            print(f"flotilla: could not checkpoint round {server_round}: {err}", flush=True)
 
     def round_row(self, rnd: RoundObs) -> dict:
         t_end = time.time()
@@ -434,94 +441,3 @@ def save_arrays(path: Path, arrays: ArrayRecord) -> None:
 def _append(path: Path, row: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(row, default=str) + "\n")
-
-
-class ObservingGrid(Grid):
-    """Flower's Grid, observed: what the app sends and receives is recorded; replies are pulled every POLL_S."""
-
-    def __init__(self, grid: Grid, observer: Observer, poll_s: float = POLL_S) -> None:
-        self._grid, self.observer, self.poll_s = grid, observer, poll_s
-
-    # the abstract Grid API, delegated
-    def set_run(self, run) -> None:
-        self._grid.set_run(run)
-
-    @property
-    def run(self):
-        return self._grid.run
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def get_nodes(self):
-        return self._grid.get_nodes()
-
-    def __getattr__(self, name):  # anything else HttpGrid has (close, ...)
-        return getattr(self._grid, name)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        messages = list(messages)
-        ids = [str(i) for i in self._grid.push_messages(messages)]
-        self.observer.sent(messages, ids, time.time())
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self._grid.pull_messages(message_ids))
-        t = time.time()
-        for r in replies:
-            self.observer.received(r, t)
-        return replies
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """HttpGrid's semantics (replies until all are in or `timeout`), pulling every poll_s, and Flower's
-        NODE_UNAVAILABLE error at once for a message whose device the driver reported lost."""
-        messages = list(messages)
-        ids = list(self.push_messages(messages))
-        by_id = {mid: m for mid, m in zip(ids, messages) if mid}
-        pending = set(by_id)
-        end = time.time() + timeout if timeout is not None else None
-        replies: list[Message] = []
-        last_lost_check = 0.0
-        while pending:
-            got = list(self.pull_messages(pending))
-            replies += got
-            pending -= {m.metadata.reply_to_message_id for m in got}
-            now = time.time()
-            if not pending:
-                break
-            if end is not None and now >= end:
-                for mid in pending:
-                    self.observer.given_up(mid, DeviceStatus.LATE, f"no reply within the app's timeout ({timeout} s)",
-                                           now)
-                break
-            if now - last_lost_check >= LOST_CHECK_S:
-                last_lost_check = now
-                replies += self._answer_for_lost(pending, by_id, now)
-            time.sleep(self.poll_s)
-        return replies
-
-    def _answer_for_lost(self, pending: set[str], by_id: dict[str, Message], now: float) -> list[Message]:
-        lost = self.observer.lost_devices()
-        if not lost:
-            return []
-        out = []
-        for mid in list(pending):
-            msg = by_id[mid]
-            name = self.observer.name_of(msg.metadata.dst_node_id)[0]
-            if name in lost:
-                pending.discard(mid)
-                reason = f"Flotilla: device {name} is lost (its process exited or stopped answering)"
-                self.observer.given_up(mid, DeviceStatus.LOST, reason, now)
-                out.append(node_unavailable_reply(msg, reason))
-        return out
-
-
-def node_unavailable_reply(msg: Message, reason: str) -> Message:
-    """The reply Flower's SuperLink itself gives for a message to an offline node."""
-    from flwr.app import Error
-    from flwr.common.constant import ErrorCode
-
-    return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason=reason), reply_to=msg)

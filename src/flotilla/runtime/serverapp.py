@@ -20,10 +20,12 @@ import atexit
 import inspect
 import os
 import sys
+import time
 from pathlib import Path
 
 from flotilla import contracts
-from flotilla.runtime.observer import Observer, ObservingGrid
+from flotilla.runtime.observer import Observer
+from flotilla.runtime.observing_grid import ObservingGrid
 
 _active: Observer | None = None
 
@@ -82,20 +84,25 @@ def hook_strategy_loop(observer: Observer) -> bool:
         if evaluate_fn is not None:
             def observed_evaluate(server_round, arrays):
                 res = evaluate_fn(server_round, arrays)
-                observer.server_evaluated(server_round, dict(res) if res else None, done=True)
+                if res is not None or not getattr(self, "round_offset", 0):
+                    r = server_round + getattr(self, "round_offset", 0)
+                    observer.server_evaluated(r, dict(res) if res else None, done=True)
                 return res
 
             bound.arguments["evaluate_fn"] = observed_evaluate
         train, evaluate = self.aggregate_train, self.aggregate_evaluate
 
+        def actual(server_round: int) -> int:  # a resumed Flotilla strategy counts on from its checkpoint
+            return server_round + getattr(self, "round_offset", 0)
+
         def aggregate_train(server_round, replies):
             arrays, metrics = train(server_round, replies)
-            observer.aggregated(server_round, "train", dict(metrics) if metrics else None)
+            observer.aggregated(actual(server_round), "train", dict(metrics) if metrics else None, arrays=arrays)
             return arrays, metrics
 
         def aggregate_evaluate(server_round, replies):
             metrics = evaluate(server_round, replies)
-            observer.aggregated(server_round, "evaluate", dict(metrics) if metrics else None,
+            observer.aggregated(actual(server_round), "evaluate", dict(metrics) if metrics else None,
                                 done=evaluate_fn is None)
             return metrics
 
@@ -123,7 +130,7 @@ def hook_legacy_history(observer: Observer) -> bool:
         return True
     names = ("add_loss_centralized", "add_metrics_centralized", "add_loss_distributed", "add_metrics_distributed",
              "add_metrics_distributed_fit")
-    if not all(hasattr(History, n) for n in names) or not hasattr(Server, "fit"):
+    if not all(hasattr(History, n) for n in names) or not all(hasattr(Server, n) for n in ("fit", "fit_round")):
         return False
     eval_is_last = {"value": False}  # fraction_evaluate == 0: central evaluation ends the round
 
@@ -147,15 +154,30 @@ def hook_legacy_history(observer: Observer) -> bool:
         done=True))
     wrap("add_metrics_distributed_fit", lambda r, v: observer.aggregated(r, "train", v))
 
-    shipped_fit = Server.fit
+    shipped_fit, shipped_fit_round = Server.fit, Server.fit_round
+
+    def fit_round(self, server_round, timeout):
+        out = shipped_fit_round(self, server_round, timeout)
+        if out is not None and out[0] is not None:
+            try:
+                from flwr.app import ArrayRecord
+                from flwr.common import parameters_to_ndarrays
+
+                observer.aggregated(int(server_round), "train", None,
+                                    arrays=ArrayRecord(parameters_to_ndarrays(out[0])))
+            except Exception:  # noqa: BLE001 - the checkpoint is a bonus; the round stands
+                pass
+        return out
+
+    Server.fit_round = fit_round
 
     def fit(self, num_rounds, timeout):
         observer.num_rounds = int(num_rounds)
         eval_is_last["value"] = getattr(self.strategy, "fraction_evaluate", None) == 0
         out = shipped_fit(self, num_rounds, timeout)
         try:
-            from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays  # noqa: F401
             from flwr.app import ArrayRecord
+            from flwr.common import parameters_to_ndarrays
 
             observer.strategy_finished(ArrayRecord(parameters_to_ndarrays(self.parameters)))
         except Exception:  # noqa: BLE001 - the final model is a bonus; the run's outcome stands
@@ -164,6 +186,22 @@ def hook_legacy_history(observer: Observer) -> bool:
 
     Server.fit = fit
     return True
+
+
+def _heartbeat(path: Path, every_s: float = 0.5) -> None:
+    """Touch `path` while this process runs: the driver tells a dead or frozen ServerApp by its staleness
+    in seconds, where Flower would wait for its run's heartbeat to expire (a minute or more)."""
+    import threading
+
+    def beat() -> None:
+        while True:
+            try:
+                path.touch()
+            except OSError:
+                pass
+            time.sleep(every_s)
+
+    threading.Thread(target=beat, name="flotilla-heartbeat", daemon=True).start()
 
 
 def make_observer() -> Observer:
@@ -196,6 +234,16 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         os.chdir(work)
     observer = _active = make_observer()
+    if observer.paths is not None:
+        from flotilla.runtime.checkpoint import resume_request
+
+        observer.resume = resume_request(observer.paths)
+        if observer.resume is not None:
+            observer.current = observer.resume.round
+            print(f"flotilla: resuming after round {observer.resume.round} (checkpoint of "
+                  f"{time.strftime('%H:%M:%S', time.localtime(observer.resume.t))})", flush=True)
+        (observer.paths.dir / "serverapp.pid").write_text(str(os.getpid()))
+        _heartbeat(observer.paths.dir / "serverapp.heartbeat")
     atexit.register(observer.close)  # a stop (SIGTERM) ends through flwr's exit handlers and sys.exit
     for ok, what in ((wrap_grid(observer), "observe the app's grid"),
                      (hook_strategy_loop(observer), "observe Flower's strategy loop"),

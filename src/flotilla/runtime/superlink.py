@@ -30,6 +30,17 @@ def use_flotilla_superexec() -> bool:
 
 
 def main() -> None:
+    import signal
+
+    from flotilla.contracts import OWNER_LEASE_ENV
+    from flotilla.runtime.lease import watch_owner
+
+    def owner_gone() -> None:
+        print("flotilla: the run's driver is gone (its lease went stale); stopping the SuperLink",
+              file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watch_owner(os.environ.get(OWNER_LEASE_ENV), owner_gone)
     if os.environ.get("FLOTILLA_FORK_CLIENTAPPS", "1") != "0" and not use_flotilla_superexec():
         print("flotilla: could not host the ServerApp for this flwr version; it runs unobserved",
               file=sys.stderr, flush=True)

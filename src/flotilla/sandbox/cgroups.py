@@ -30,6 +30,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from flotilla.errors import FlotillaError
+
 PERIOD_US = 100_000  # CFS period; quota = cpus * period
 MIN_CPUS = 0.01  # the kernel's smallest CFS quota is 1 ms per period
 UNLIMITED = "max"  # pass to set_limits() to remove a limit (None leaves it unchanged)
@@ -41,7 +43,7 @@ _NAME_PART = re.compile(r"^[A-Za-z0-9_.-]+$")
 _MAX_SEARCH_DEPTH = 10
 
 
-class CgroupError(RuntimeError):
+class CgroupError(FlotillaError, RuntimeError):
     """A cgroup operation failed; the message is one line naming the file and the cause."""
 
 

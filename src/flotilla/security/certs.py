@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from flotilla.errors import UserError
+
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SERVER_CERT = "superlink.crt"
@@ -49,7 +51,7 @@ MANIFEST = "bundle.json"
 BASE_SANS = ("superlink", "localhost", "127.0.0.1", "::1")
 
 
-class CertError(ValueError):
+class CertError(UserError):
     """Bad input for certificate making; one line naming what to fix."""
 
 

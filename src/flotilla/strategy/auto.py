@@ -229,9 +229,17 @@ class Auto(FleetAuto):
                     train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=evaluate_fn)
         if not self.enabled:
             return self.strategy.start(grid=grid, **args)
+        observer = _observer()
+        resume = observer.resume if observer is not None else None
+        if resume is not None:  # `flotilla resume` / recovery: go on from the checkpoint's model, round, estimates
+            self.round_offset = resume.round
+            self.load_state_dict(resume.state)
+            args["initial_arrays"] = resume.arrays()
+        if observer is not None:
+            observer.state_provider = self.state_dict
         own = not isinstance(grid, FleetGrid)
         lost_file = RecordPaths(self._record_dir).lost_devices if self._record_dir else None
-        fleet = FleetGrid(grid, poll_s=0.1, lost_file=lost_file) if own else grid
+        fleet = FleetGrid(grid, poll_s=0.1, lost_file=lost_file, observer=observer) if own else grid
         self.node_names = fleet.node_names  # one map: the grid gives up on lost devices by name
         try:
             return super().start(grid=fleet, **args)
@@ -302,7 +310,7 @@ class Auto(FleetAuto):
         obs = _observer()
         for n in grid.get_node_ids():
             name, cls = obs.name_of(n) if obs is not None else (f"node-{n}", "")
-            if self.node_names.get(n) == name:
+            if dict.get(self.node_names, n) == name:  # set here before (not only known to the observer)
                 continue
             self.node_names[n] = name
             if cls:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -51,12 +51,12 @@ from flotilla.strategy.records import device_record, missing_record
 
 
 class FleetFedAvg(FedAvg):
-    def __init__(self, *, expected_devices: int, fleet_wait_s: float = 60.0,
-                 on_round_start: Callable[[int, float], None] | None = None, **kwargs) -> None:
+    round_offset = 0  # rounds done before this start: a resumed run goes on from its checkpoint's round
+
+    def __init__(self, *, expected_devices: int, fleet_wait_s: float = 60.0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.expected_devices = expected_devices
         self.fleet_wait_s = fleet_wait_s
-        self.on_round_start = on_round_start
         self.round_started: dict[int, float] = {}
         self.round_devices: dict[int, list[dict]] = {}
         self.round_failures: dict[int, int] = {}
@@ -65,13 +65,47 @@ class FleetFedAvg(FedAvg):
         self.device_classes: dict[str, str] = {}  # device name -> class (from the capability query)
         self._grid = None
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn=None):
+        """Flower's Strategy.start. Resumed (round_offset r > 0): num_rounds is still the run's total; the
+        rounds go on from r + 1 (every hook and evaluate_fn sees the run's own round numbers) and the
+        initial evaluation is not repeated."""
+        off = self.round_offset
+        if not off:
+            return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
+                                 evaluate_fn)
+        hooks = ("configure_train", "aggregate_train", "configure_evaluate", "aggregate_evaluate")
+        for h in hooks:
+            setattr(self, h, _shifted(getattr(self, h), off))
+        shifted_eval = None if evaluate_fn is None else (
+            lambda r, arrays: None if r == 0 else evaluate_fn(r + off, arrays))
+        try:
+            return super().start(grid, initial_arrays, max(0, num_rounds - off), timeout, train_config,
+                                 evaluate_config, shifted_eval)
+        finally:
+            for h in hooks:
+                self.__dict__.pop(h, None)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps to resume this strategy: the sampling RNG (and FleetAuto its planner)."""
+        import random
+
+        version, internal, gauss = random.getstate()
+        return {"rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict) -> None:
+        import random
+
+        if state.get("rng"):
+            version, internal, gauss = state["rng"]
+            random.setstate((version, tuple(internal), gauss))
+
     def _start_round(self, server_round: int, grid: Grid) -> None:
-        if server_round == 1:
+        if server_round == self.round_offset + 1:
             wait_for_fleet(grid, self.expected_devices, self.fleet_wait_s)
         self._grid = grid
         self.round_started[server_round] = time.time()
-        if self.on_round_start:
-            self.on_round_start(server_round, self.round_started[server_round])
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -103,6 +137,8 @@ class FleetFedAvg(FedAvg):
                 devices.append(self._missing(node, "lost", plan, error=str(msg.error.reason)[:300]))
                 continue
             rec = device_record(msg, self.node_names)
+            if node not in self.node_names and not rec["name"].startswith("node-"):
+                self.node_names[node] = rec["name"]  # a device the capability query missed names itself
             a = plan.get(rec["name"])
             rec["planned_steps"] = a.steps if a else None
             rec["train_deadline_s"] = a.train_deadline_s if a else None
@@ -179,6 +215,14 @@ class FleetAuto(FleetFedAvg):
             messages.append(Message(RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg}),
                                     message_type=MessageType.TRAIN, dst_node_id=n))
         return messages
+
+    def state_dict(self) -> dict:
+        return super().state_dict() | {"planner": self.planner.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if state.get("planner"):
+            self.planner.load_state_dict(state["planner"])
 
     def _candidates(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                     grid: Grid) -> tuple[list[int], dict[int, dict]]:
@@ -319,6 +363,14 @@ class FleetAuto(FleetFedAvg):
 
 def _round(x: float | None, nd: int = 3) -> float | None:
     return None if x is None or not math.isfinite(x) else round(x, nd)
+
+
+def _shifted(hook, offset: int):
+    """A strategy hook called with Flower's round numbers, seeing the run's (Flower's + offset)."""
+    def shifted(server_round: int, *args, **kwargs):
+        return hook(server_round + offset, *args, **kwargs)
+
+    return shifted
 
 
 def wait_for_fleet(grid: Grid, expected: int, timeout_s: float) -> int:

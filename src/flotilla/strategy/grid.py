@@ -47,11 +47,14 @@ class LateReply:
 
 
 class FleetGrid:
-    def __init__(self, grid: Grid, poll_s: float = 0.1, lost_file: Path | None = None) -> None:
+    def __init__(self, grid: Grid, poll_s: float = 0.1, lost_file: Path | None = None, observer=None) -> None:
+        """observer: the hosting ServerApp's (flotilla.runtime.observer): device names and which nodes are
+        usable come from it, so a restarted device (a new node) is known by its name and its old node dropped."""
         self._grid = grid
         self.poll_s = poll_s
         self.lost_file = lost_file
-        self.node_names: dict[int, str] = {}  # node id -> device name (from the capability query)
+        self.observer = observer
+        self.node_names: dict[int, str] = _Names(observer)  # node id -> device name
         self.deadline_s: float | None = None  # set per round by the strategy; None: wait for everyone
         self.optional: set[int] = set()  # nodes whose reply the next exchange does not wait for
         self.tag: int | None = None  # label stored with outstanding messages (the strategy's round)
@@ -68,6 +71,12 @@ class FleetGrid:
 
     def __getattr__(self, name):  # everything else is Flower's
         return getattr(self._grid, name)
+
+    def gone(self, node_id: int) -> bool:
+        """Is this node's device down (dead, stuck, restarting) or the node a stale incarnation of it?"""
+        if self.observer is not None:
+            return not self.observer.usable(node_id)
+        return self.node_names.get(node_id) in self.lost_devices()
 
     def lost_devices(self) -> set[str]:
         if not self.lost_file or not self.lost_file.exists():
@@ -160,8 +169,7 @@ class FleetGrid:
                 break
             if now - last_check > 1.0:
                 last_check = now
-                lost = self.lost_devices()
-                gone = {m for m in pending if self.node_names.get(dst[m]) in lost}
+                gone = {m for m in pending if self.gone(dst[m])}
                 if gone:
                     self._abandon(gone, dst, "lost")
                     pending -= gone
@@ -169,12 +177,10 @@ class FleetGrid:
         return replies
 
     def _forget_lost(self) -> None:
-        lost = self.lost_devices()
-        if lost:
-            with self._lock:
-                for mid, o in list(self.outstanding.items()):
-                    if self.node_names.get(o.node_id) in lost:
-                        del self.outstanding[mid]
+        with self._lock:
+            for mid, o in list(self.outstanding.items()):
+                if self.gone(o.node_id):
+                    del self.outstanding[mid]
 
     def _abandon(self, mids: set[str], dst: dict[str, int], why: str) -> None:
         for m in mids:
@@ -182,3 +188,25 @@ class FleetGrid:
             self.abandon_reasons[dst[m]] = why
             if self.on_abandon:
                 self.on_abandon(dst[m], why)
+
+
+class _Names(dict):
+    """node id -> device name: what the strategy set (its capability query), else what the observer knows
+    (a device restarted under a new node id keeps its name)."""
+
+    def __init__(self, observer=None) -> None:
+        super().__init__()
+        self._observer = observer
+
+    def __missing__(self, node_id: int) -> str:
+        if self._observer is not None:
+            name = self._observer.name_of(node_id)[0]
+            if not name.startswith("node-"):
+                return name
+        raise KeyError(node_id)
+
+    def get(self, node_id, default=None):
+        try:
+            return self[node_id]
+        except KeyError:
+            return default

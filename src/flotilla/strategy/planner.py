@@ -36,6 +36,7 @@ FIRST_ROUND_SYNC_QUOTA = 0.5  # round 1 waits for devices with at least this sha
 MIN_TIMED_S = 0.05  # training shorter than this says little about throughput (timer, first-step costs)
 FIRST_ROUND_WORK_FACTOR = 2.0  # round 1 (from the initial model) does this many x local_epochs
 JUMP = 1.5  # a measurement this far off the estimate replaces it (a throttle, not noise)
+WORK_TOLERANCE = 1e-6  # samples: float sums of planned work compare equal within this
 
 
 def update_estimate(old: float | None, new: float, jump: float = JUMP, weight: float = 0.5) -> float:
@@ -80,7 +81,7 @@ def allocate(throughputs: Sequence[float], overheads: Sequence[float], work_samp
 
     lo = max(overheads)
     hi = max(o + min(c, work_samples) / t for t, o, c in zip(throughputs, overheads, caps))
-    if sum(given(hi)) < work_samples:  # the caps (or the ratio) bind: the most this fleet can do
+    if sum(given(hi)) < work_samples - WORK_TOLERANCE:  # the caps (or the ratio) bind: the most it can do
         return hi, given(hi)
     for _ in range(60):
         mid = (lo + hi) / 2
@@ -103,14 +104,17 @@ def sync_devices(throughputs: Sequence[float], overheads: Sequence[float], work_
     caps = [math.inf] * len(throughputs) if caps is None else list(caps)
     order = sorted((i for i, t in enumerate(throughputs) if t > 0), key=lambda i: overheads[i])
     sync: list[int] = []
-    best = math.inf
+    best, best_done = math.inf, 0.0
     for i in order:
         with_i = sync + [i]
-        d, _ = allocate([throughputs[j] for j in with_i], [overheads[j] for j in with_i], work_samples,
-                        [caps[j] for j in with_i])
-        if not sync or d <= (1 + slack) * best:
+        d, given = allocate([throughputs[j] for j in with_i], [overheads[j] for j in with_i], work_samples,
+                            [caps[j] for j in with_i])
+        # a set whose caps bind cannot do the round's work at all: its (short) round is no fair comparison
+        short = best_done < work_samples - WORK_TOLERANCE
+        if not sync or short or d <= (1 + slack) * best:
             sync.append(i)
-            best = min(best, d)
+            if short or d < best:
+                best, best_done = d, sum(given)
     return sorted(sync)
 
 
@@ -185,6 +189,15 @@ class AutoPlanner:
 
     def device(self, name: str) -> DeviceEstimate:
         return self.devices.setdefault(name, DeviceEstimate(name))
+
+    def state_dict(self) -> dict:
+        """The per-device estimates, for a checkpoint (a resumed run plans round r + 1 as it would have)."""
+        from dataclasses import asdict
+
+        return {name: asdict(d) for name, d in self.devices.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.devices = {name: DeviceEstimate(**d) for name, d in state.items()}
 
     def add_capability(self, name: str, cls: str = "", cpus: float | None = None, memory: int | None = None,
                        throughput_sps: float | None = None, samples: int | None = None) -> None:
@@ -275,7 +288,7 @@ class AutoPlanner:
         caps = [self.max_work_factor * self.local_epochs * max(ni, b) for ni, b in zip(n, batches)]
         sync = sync_devices(thr, ovh, work, caps)
         round_s, samples = allocate([thr[i] for i in sync], [ovh[i] for i in sync], work, [caps[i] for i in sync])
-        steps = {i: max(1, int(x // batches[i])) for i, x in zip(sync, samples)}
+        steps = {i: max(1, int((x + WORK_TOLERANCE) // batches[i])) for i, x in zip(sync, samples)}
         predicted = {i: ovh[i] + steps[i] * batches[i] / thr[i] for i in sync}
         deadline = hetero.round_deadline(list(predicted.values()), self.deadline_factor, self.min_deadline_s)
         typical = statistics.median(steps.values())

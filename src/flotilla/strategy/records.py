@@ -33,9 +33,9 @@ def device_record(msg: Message, node_names: dict[int, str]) -> dict:
     if "ahead-steps" in m:  # train-ahead: trained before the message came, part of this update
         rec |= {"ahead_steps": int(m["ahead-steps"]), "ahead_samples": int(m.get("ahead-samples", 0)),
                 "ahead_s": round(float(m.get("ahead-s", 0.0)), 4)}
-    if "cpus" in m:  # effective limits, when the device reports them per round
+    if m.get("cpus"):  # effective limits, when the device has them (0: none)
         rec["cpus"] = float(m["cpus"])
-    if "memory" in m:
+    if m.get("memory"):
         rec["memory"] = int(m["memory"])
     return rec
 

@@ -13,12 +13,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
+from flotilla.errors import UserError
 from flotilla.plan import Plan
 from flotilla.runs import RunRecord
 
 
-class TargetError(RuntimeError):
-    """A target could not do what was asked; the message says what to do."""
+class TargetError(UserError):
+    """A target cannot do what was asked; the message says what to do. Raised before a run (render,
+    validation: exit 2) or while starting one (the driver records the run as failed)."""
 
 
 @dataclass
@@ -40,6 +42,10 @@ class Target(ABC):
     # Devices write into the run record (their node ids, when they are warm): local processes, and
     # containers on one host with the record mounted. Elsewhere the driver only sees the nodes online.
     devices_share_record: bool = False
+    # What a job may ask of this target (flotilla.targets.check_job refuses the rest, exit 2):
+    # "throttle" (live limits), "gpus", "placement" (hostname/labels/arch), "tls", "restart" (a device
+    # again after it died: restart_device), "faults" (inject).
+    capabilities: frozenset[str] = frozenset()
 
     @abstractmethod
     def render(self, plan: Plan, out_dir: Path) -> list[Path]:
@@ -76,6 +82,19 @@ class Target(ABC):
 
     def stop_device(self, run: RunRecord, device: str) -> None:
         """End one device (it is stuck); the rest of the federation goes on."""
+
+    def superlink_alive(self, run: RunRecord) -> bool | None:
+        """Is the SuperLink's process up? None where the target cannot see it (the Control API then tells)."""
+        return None
+
+    def restart_device(self, plan: Plan, run: RunRecord, device: str) -> None:
+        """Start a device again after it died or was stopped (capability "restart")."""
+        raise TargetError(f"target {self.name!r} cannot restart a device")
+
+    def inject(self, run: RunRecord, action: str, process: str) -> str:
+        """A fault (capability "faults"): action kill | pause | resume, process a device name, "superlink" or
+        "serverapp". Returns what was done, in words."""
+        raise TargetError(f"target {self.name!r} cannot inject faults")
 
     def collect_outputs(self, run: RunRecord) -> None:
         """Bring the files the apps wrote (their working directories) into the record's outputs/.

@@ -14,105 +14,25 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from flotilla.plan import Plan, format_node_config
+from flotilla.sandbox.procs import (
+    ProcessError, free_port, group_pids, kill_groups, pid_alive, proc_cpu_s, proc_state, signal_group, wait_port,
+)
+from flotilla.contracts import OWNER_LEASE_ENV, RecordPaths
 from flotilla.runs import RunRecord
 from flotilla.runtime.commands import device_command, device_threads, flower_env, record_env, superlink_command
 from flotilla.targets.base import Federation, Target, TargetError
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen | None, timeout: float, what: str, log: Path) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc is not None and proc.poll() is not None:
-            raise TargetError(f"{what} exited with code {proc.returncode} at start-up; see {log}")
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TargetError(f"{what} did not open port {port} within {timeout:.0f} s; see {log}")
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def kill_group(pgid: int, grace_s: float = 5.0) -> None:
-    """SIGTERM a process group, then SIGKILL what is left after the grace period."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    end = time.time() + grace_s
-    while time.time() < end:
-        if not _group_alive(pgid):
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    return bool(_group_pids(pgid))
-
-
-def _stat_fields(pid: int) -> list[str] | None:
-    """/proc/<pid>/stat after the command name: [state, ppid, pgrp, ...]."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _group_pids(pgid: int) -> set[int]:
-    """Live (non-zombie) members of a process group."""
-    out = set()
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            f = _stat_fields(int(entry.name))
-            if f and len(f) > 2 and f[2] == str(pgid) and f[0] != "Z":
-                out.add(int(entry.name))
-    return out
-
-
-def _proc_state(pid: int) -> str | None:
-    f = _stat_fields(pid)
-    return f[0] if f else None
-
-
-def _proc_cpu_s(pid: int) -> float:
-    f = _stat_fields(pid)
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK") if f and len(f) > 12 else 0.0
-
-
 class LocalTarget(Target):
     name = "local"
     devices_share_record = True
+    capabilities = frozenset({"throttle", "restart", "faults"})
 
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}  # held by the driver's process only
@@ -156,19 +76,16 @@ class LocalTarget(Target):
         from flotilla.sandbox.cgroups import DeviceCgroup, cgroups_available, group_name
 
         job = plan.job
-        env = flower_env() | {"FLWR_HOME": str(run.dir / "flwr")}
+        # the fleet stops itself when the driver's lease goes stale (the driver was killed): no orphans
+        env = flower_env() | {"FLWR_HOME": str(run.dir / "flwr"), OWNER_LEASE_ENV: str(RecordPaths(run.dir).owner)}
         port = free_port()
         run.write_state(superlink_port=port, groups={}, cgroups={}, device_pids={})
-        log = run.log_path("superlink")
         # No --database: the state lives as long as this run, in memory (sqlite's locking failed runs
         # under heavy load here: "database is locked").
         server_env = env | record_env(str(run.dir), run_id=run.run_id, job_name=job.name,
                                       policy=job.heterogeneity.policy, accuracy_metric=job.metrics.accuracy,
                                       loss_metric=job.metrics.loss)
-        cmd = superlink_command(sys.executable, host="127.0.0.1", port=port)
-        self.procs["superlink"] = self._spawn(cmd, server_env, log, None, _workdir(run, "superlink"))
-        self._record(run, "superlink", self.procs["superlink"].pid, None)
-        wait_port(port, self.procs["superlink"], 60, "flower-superlink", log)
+        self._start_superlink(run, server_env, port)
 
         want_limits = any(d.cpus is not None or d.memory is not None for d in plan.devices)
         enforce, reason = cgroups_available() if want_limits else (False, "no limits asked for")
@@ -179,11 +96,66 @@ class LocalTarget(Target):
             cg = None
             if enforce and (d.cpus is not None or d.memory is not None):
                 cg = DeviceCgroup.create(group_name(run.run_id, d.name), d.cpus, d.memory)
-            cmd = self._device_command(plan, d, f"127.0.0.1:{port}", free_port(), str(run.dir), sys.executable)
-            proc = self._spawn(cmd, env, run.log_path(d.name), cg, _workdir(run, d.name))
-            self.procs[d.name] = proc
-            self._record(run, d.name, proc.pid, cg)
+            self._start_device(plan, run, d.name, env, cg)
+        self._env, self._server_env = env, server_env
         return Federation(control_address=f"127.0.0.1:{port}", output_dir=str(run.dir))
+
+    def _start_superlink(self, run: RunRecord, env: dict, port: int) -> None:
+        log = run.log_path("superlink")
+        cmd = superlink_command(sys.executable, host="127.0.0.1", port=port)
+        self.procs["superlink"] = self._spawn(cmd, env, log, None, _workdir(run, "superlink"))
+        self._record(run, "superlink", self.procs["superlink"].pid, None)
+        try:
+            wait_port(port, self.procs["superlink"], 60, "flower-superlink", log)
+        except ProcessError as err:
+            raise TargetError(str(err)) from None
+
+    def _start_device(self, plan: Plan, run: RunRecord, name: str, env: dict, cg) -> None:
+        port = run.state()["superlink_port"]
+        cmd = self._device_command(plan, plan.device(name), f"127.0.0.1:{port}", free_port(), str(run.dir),
+                                   sys.executable)
+        proc = self._spawn(cmd, env, run.log_path(name), cg, _workdir(run, name))
+        self.procs[name] = proc
+        self._record(run, name, proc.pid, cg)
+
+    # -- recovery and faults ---------------------------------------------------
+    def restart_device(self, plan: Plan, run: RunRecord, device: str) -> None:
+        """Start a dead (or stopped) device again, in its own cgroup, as `up` did."""
+        from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
+
+        pgid = run.state().get("groups", {}).get(device)
+        if pgid is not None:
+            kill_groups([pgid], grace_s=2.0)
+        cstate = run.state().get("cgroups", {}).get(device)
+        try:
+            cg = DeviceCgroup.from_state(cstate) if cstate else None
+        except CgroupError:
+            cg = None
+        env = getattr(self, "_env", None) or flower_env() | {
+            "FLWR_HOME": str(run.dir / "flwr"), OWNER_LEASE_ENV: str(RecordPaths(run.dir).owner)}
+        self._start_device(plan, run, device, env, cg)
+
+    def superlink_alive(self, run: RunRecord) -> bool | None:
+        proc = self.procs.get("superlink")
+        if proc is not None:
+            return proc.poll() is None
+        pgid = run.state().get("groups", {}).get("superlink")
+        return pid_alive(pgid) if pgid else None
+
+    def inject(self, run: RunRecord, action: str, process: str) -> str:
+        """kill | pause | resume a device, the superlink (its whole group) or the serverapp process."""
+        sig = {"kill": signal.SIGKILL, "pause": signal.SIGSTOP, "resume": signal.SIGCONT}[action]
+        if process == "serverapp":
+            try:
+                pid = int((run.dir / "serverapp.pid").read_text())
+                os.kill(pid, sig)
+                return f"{action} serverapp (pid {pid})"
+            except (OSError, ValueError) as err:
+                raise TargetError(f"no ServerApp process to {action} ({err})") from None
+        pgid = run.state().get("groups", {}).get(process)
+        if pgid is None or not signal_group(pgid, sig):
+            raise TargetError(f"no process {process!r} running in run {run.run_id} to {action}")
+        return f"{action} {process} (process group {pgid})"
 
     @staticmethod
     def _spawn(cmd, env, log: Path, cg, cwd: Path) -> subprocess.Popen:
@@ -237,24 +209,20 @@ class LocalTarget(Target):
             except (CgroupError, OSError):
                 return None
         else:
-            pids = _group_pids(pgid)
-        states = [_proc_state(p) for p in pids]
+            pids = group_pids(pgid)
+        states = [proc_state(p) for p in pids]
         states = [s for s in states if s and s != "Z"]
         if not states:
             return None
         if cpu_s is None:
-            cpu_s = sum(_proc_cpu_s(p) for p in pids)
+            cpu_s = sum(proc_cpu_s(p) for p in pids)
         return Health(t=time.time(), stopped=all(s in "Tt" for s in states), cpu_s=cpu_s, memory=memory,
                       limit=limit, **pressure)
 
     def stop_device(self, run: RunRecord, device: str) -> None:
         pgid = run.state().get("groups", {}).get(device)
         if pgid is not None:
-            try:
-                os.killpg(pgid, signal.SIGCONT)  # a stopped group cannot act on SIGTERM
-            except (ProcessLookupError, PermissionError):
-                pass
-            kill_group(pgid, grace_s=2.0)
+            kill_groups([pgid], grace_s=2.0)
 
     def resource_usage(self, run: RunRecord) -> list[dict]:
         from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
@@ -299,9 +267,10 @@ class LocalTarget(Target):
 
         st = run.state()
         groups = st.get("groups", {})
-        # devices first, so the SuperLink does not see them vanish mid-message
-        for name, pgid in sorted(groups.items(), key=lambda kv: kv[0] == "superlink"):
-            kill_group(pgid)
+        # every device at once (one grace period for the fleet), then the SuperLink
+        kill_groups([g for n, g in groups.items() if n != "superlink"])
+        if "superlink" in groups:
+            kill_groups([groups["superlink"]])
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=5)

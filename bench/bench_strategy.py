@@ -3,7 +3,8 @@
 Uses Flower's own hooks: configure_train marks a round's start, aggregate_evaluate (which
 Strategy.start calls every round, even with fraction_evaluate=0.0) marks its end. When
 output_dir is set, one JSON line per round goes to <output_dir>/metrics.jsonl.
-(Kept identical in bench/baseline_app and bench/noop_app: each FAB must be self-contained.)
+One copy for both bench apps: bench/run_plain.py's prepared_app() puts it into each
+app's package when it copies the app for a run (a FAB must be self-contained).
 """
 
 import json

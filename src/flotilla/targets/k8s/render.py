@@ -1,4 +1,5 @@
-"""Kubernetes: the same Plan as manifests, run through the user's kubeconfig.
+"""Describe: a Plan + K8sOptions as Kubernetes objects (manifests) and the script that makes their Secrets.
+Pure: no cluster needed.
 
 Objects (namespace `flotilla-<job>` unless told otherwise):
   Namespace; ConfigMap `job` (job.yaml, plan.json); SuperLink Deployment +
@@ -21,30 +22,22 @@ the job's certificate bundle; rendered files only name them (and
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import os
-import select
-import socket
-import tarfile
-import threading
-import time
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from flotilla.images.appdeps import check_image_has_app
 from flotilla.images.build import image_app_dir
 from flotilla.job import DeviceClass
 from flotilla.plan import DevicePlan, Plan, format_node_config
-from flotilla.runs import RunRecord
 from flotilla.runtime.commands import (
-    DEVICE_PORT, FLOWER_ENV, METRICS_PORT, SUPERLINK_PORT, DeviceTls, ServerTls, device_command, record_env,
+    DEVICE_PORT, FLOWER_ENV, METRICS_PORT, SUPERLINK_PORT, DeviceTls, ServerTls, device_command,
     remote_device_threads, superlink_command,
 )
-from flotilla.targets.base import Federation, Target, TargetError
+from flotilla.targets.base import TargetError
+from flotilla.targets.containers import PlainDumper, superlink_env, target_image
 
 TLS_MOUNT = "/etc/flotilla/tls"
 KEYS_MOUNT = "/etc/flotilla/supernode"
@@ -121,11 +114,11 @@ def _env(d: dict[str, str]) -> list[dict]:
 class K8sRenderer:
     """Plan + options -> Kubernetes objects (dicts). Pure: no cluster needed."""
 
-    def __init__(self, plan: Plan, opts: K8sOptions, tls_devices: list[str] | None = None) -> None:
+    def __init__(self, plan: Plan, opts: K8sOptions) -> None:
         self.plan, self.opts = plan, opts
         self.job = plan.job
         self.ns = opts.namespace or f"flotilla-{self.job.name}"
-        self.image = opts.image or _default_image(opts.registry)
+        self.image = target_image(opts.image, opts.registry)
         self.tls = not opts.insecure
 
     # data: where the job's data path is mounted (the same path, so run_config's data-path holds)
@@ -197,9 +190,7 @@ class K8sRenderer:
             "image": self.image,
             "imagePullPolicy": self.opts.image_pull_policy,
             "command": self.superlink_args(),
-            "env": _env(FLOWER_ENV | record_env(RECORDS_MOUNT, run_id="", job_name=job, policy=self.job.heterogeneity.policy,
-                                                accuracy_metric=self.job.metrics.accuracy,
-                                                loss_metric=self.job.metrics.loss, metrics_port=METRICS_PORT)),
+            "env": _env(superlink_env(self.job, RECORDS_MOUNT, "")),
             "workingDir": f"{RECORDS_MOUNT}/outputs/superlink",
             "ports": [{"name": "flower", "containerPort": SUPERLINK_PORT},
                       {"name": "metrics", "containerPort": METRICS_PORT}],
@@ -262,8 +253,6 @@ class K8sRenderer:
 
     def device_script(self, cls: DeviceClass, first: DevicePlan) -> str:
         """Entrypoint: pod ordinal -> device name and partition id, then the device command."""
-        import shlex
-
         app = self.plan.app
         cmd = device_command(
             name="@NAME@", device_class=cls.name, superlink=f"superlink:{SUPERLINK_PORT}", port=DEVICE_PORT,
@@ -364,14 +353,16 @@ class K8sRenderer:
             out[f"supernode-{cls.name}"] = keys
         return out
 
+    def secret_commands(self, bundle) -> list[str]:
+        """The shell lines of create-secrets.sh: `kubectl create secret` from the bundle's files."""
+        lines = []
+        for name, files in self.secret_files(bundle).items():
+            args = " ".join(f"--from-file={k}={Path(v).resolve()}" for k, v in files.items())
+            lines.append(f"kubectl -n {self.ns} create secret generic {name} {args}")
+        return lines
 
-def _default_image(registry: str | None) -> str:
-    from flotilla.images import default_image
 
-    return default_image(registry)
-
-
-class _Dumper(yaml.SafeDumper):
+class _Dumper(PlainDumper):
     """Multi-line strings (entrypoint scripts, job.yaml) as readable `|` blocks."""
 
 
@@ -386,339 +377,6 @@ def dump_objects(objs: list[dict]) -> str:
     return "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False, width=120) for o in objs)
 
 
-# -- talking to a cluster ---------------------------------------------------------
-
-def _short_reason(err: BaseException) -> str:
-    reason = getattr(err, "reason", None)  # urllib3 MaxRetryError -> NewConnectionError etc.
-    text = str(reason or err)
-    for known in ("Connection refused", "Name or service not known", "timed out", "No route to host",
-                  "certificate verify failed", "Unauthorized", "Forbidden"):
-        if known.lower() in text.lower():
-            return known.lower()
-    return text.splitlines()[0][:160]
-
-
-def connect(kubeconfig: str | None = None, context: str | None = None):
-    """An ApiClient for the user's cluster, or TargetError in one line when there is none."""
-    try:
-        from kubernetes import client, config
-    except ImportError:
-        raise TargetError("the k8s target needs the kubernetes client: pip install 'flotilla[k8s]'") from None
-    path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or os.path.expanduser("~/.kube/config")
-    try:
-        if os.path.isfile(path):
-            api = config.new_client_from_config(config_file=path, context=context)
-        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-            config.load_incluster_config()
-            api = client.ApiClient()
-        else:
-            raise TargetError(f"no Kubernetes cluster configured: no kubeconfig at {path}; "
-                              "set KUBECONFIG or pass --kubeconfig")
-    except config.ConfigException as err:
-        raise TargetError(f"kubeconfig {path}: {str(err).splitlines()[0]}") from None
-    host = api.configuration.host
-    try:
-        client.VersionApi(api).get_code(_request_timeout=(5, 10))
-    except Exception as err:  # noqa: BLE001 - urllib3, ssl and API errors all mean "not reachable"
-        status = getattr(err, "status", None)
-        why = f"HTTP {status}" if status else _short_reason(err)
-        raise TargetError(f"no Kubernetes cluster reachable at {host} ({why}); check `kubectl cluster-info`") from None
-    return api
-
-
-class _PortForward:
-    """127.0.0.1:<local> -> pod:<port> through the API server (like kubectl port-forward)."""
-
-    def __init__(self, api, namespace: str, pod: str, port: int) -> None:
-        self.configuration = api.configuration
-        self.ns, self.pod, self.port = namespace, pod, port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.local_port = self.listener.getsockname()[1]
-        self.closed = False
-        threading.Thread(target=self._accept, daemon=True, name="k8s-port-forward").start()
-
-    def _accept(self) -> None:
-        while not self.closed:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._pipe, args=(conn,), daemon=True).start()
-
-    def _pipe(self, conn: socket.socket) -> None:
-        from kubernetes import client
-        from kubernetes.stream import portforward
-
-        try:
-            # A client per connection: `portforward` patches its client's request method while it runs.
-            core = client.CoreV1Api(client.ApiClient(self.configuration))
-            pf = portforward(core.connect_get_namespaced_pod_portforward, self.pod, self.ns, ports=str(self.port))
-            remote = pf.socket(self.port)
-            remote.setblocking(True)
-            socks = [conn, remote]
-            while not self.closed:
-                ready, _, _ = select.select(socks, [], [], 1.0)
-                for s in ready:
-                    data = s.recv(65536)
-                    if not data:
-                        return
-                    (remote if s is conn else conn).sendall(data)
-        except Exception:  # noqa: BLE001 - one broken connection must not end the forward
-            return
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.closed = True
-        self.listener.close()
-
-
-_RECORDS_TAR = (
-    "import base64,io,sys,tarfile;b=io.BytesIO();t=tarfile.open(fileobj=b,mode='w:gz');"
-    f"t.add('{RECORDS_MOUNT}',arcname='.');t.close();sys.stdout.write(base64.b64encode(b.getvalue()).decode())"
-)
-
-
-class K8sTarget(Target):
-    name = "k8s"
-
-    def __init__(self, **options) -> None:
-        self.opts = K8sOptions(**options)
-        self._forward: _PortForward | None = None
-        self._last_sync = 0.0
-        self._clients: dict[tuple, object] = {}
-
-    # -- render ---------------------------------------------------------------
-    def render(self, plan: Plan, out_dir: Path) -> list[Path]:
-        r = K8sRenderer(plan, self.opts)
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for name, objs in r.files().items():
-            p = out_dir / name
-            p.write_text(dump_objects(objs))
-            paths.append(p)
-        if r.tls:
-            paths.append(self._write_secret_script(r, self._bundle(plan, r), out_dir))
-        return paths
-
-    def _bundle(self, plan: Plan, r: K8sRenderer):
-        from flotilla.security import bundle_for_plan
-
-        return bundle_for_plan(plan, self.opts.cert_dir, namespace=r.ns)
-
-    @staticmethod
-    def _write_secret_script(r: K8sRenderer, bundle, out_dir: Path) -> Path:
-        lines = ["#!/bin/sh", "# Secrets from the certificate bundle's files (`flotilla submit` does this itself).",
-                 "set -e"]
-        for name, files in r.secret_files(bundle).items():
-            args = " ".join(f"--from-file={k}={Path(v).resolve()}" for k, v in files.items())
-            lines.append(f"kubectl -n {r.ns} create secret generic {name} {args}")
-        p = out_dir / "create-secrets.sh"
-        p.write_text("\n".join(lines) + "\n")
-        p.chmod(0o755)
-        return p
-
-    # -- cluster --------------------------------------------------------------
-    def _api(self, run: RunRecord | None = None):
-        st = run.state() if run else {}
-        key = (st.get("k8s_kubeconfig", self.opts.kubeconfig), st.get("k8s_context", self.opts.context))
-        if key not in self._clients:  # the driver polls often: connect (and check the cluster) once
-            self._clients[key] = connect(*key)
-        return self._clients[key]
-
-    def up(self, plan: Plan, run: RunRecord) -> Federation:
-        # the app's dependencies are in the image (checked when the image is in the local engine; never pulled)
-        check_image_has_app(self.opts.image or _default_image(self.opts.registry), plan.app)
-        from kubernetes import client
-        from kubernetes.utils import FailToCreateError, create_from_dict
-
-        r = K8sRenderer(plan, self.opts)
-        api = self._api()
-        core = client.CoreV1Api(api)
-        files = r.files()
-        render_dir = run.dir / "k8s"
-        render_dir.mkdir(exist_ok=True)
-        for name, objs in files.items():
-            (render_dir / name).write_text(dump_objects(objs))
-        try:
-            core.read_namespace(r.ns)
-            raise TargetError(f"namespace {r.ns} exists: a run of this job is active; "
-                              f"stop it or delete the namespace (kubectl delete namespace {r.ns})")
-        except client.ApiException as err:
-            if err.status != 404:
-                raise TargetError(f"cannot read namespace {r.ns}: HTTP {err.status} {err.reason}") from None
-        run.write_state(k8s_namespace=r.ns, k8s_kubeconfig=self.opts.kubeconfig, k8s_context=self.opts.context,
-                        image=r.image, tls=r.tls)
-        bundle = self._bundle(plan, r) if r.tls else None
-
-        def create(objs: list[dict]) -> None:
-            for obj in objs:
-                try:
-                    create_from_dict(api, obj, namespace=r.ns)
-                except FailToCreateError as err:
-                    e = err.api_exceptions[0]
-                    msg = json.loads(e.body).get("message", e.reason) if e.body else e.reason
-                    raise TargetError(f"creating {obj['kind']} {obj['metadata']['name']}: {msg}") from None
-
-        create(files.pop("00-namespace.yaml"))
-        if bundle is not None:
-            for name, keys in r.secret_files(bundle).items():
-                core.create_namespaced_secret(r.ns, client.V1Secret(
-                    metadata=client.V1ObjectMeta(name=name, labels=MANAGED_BY), type="Opaque",
-                    data={k: base64.b64encode(Path(v).read_bytes()).decode() for k, v in keys.items()}))
-        device_files = {k: v for k, v in files.items() if "-devices-" in k}
-        for name, objs in files.items():
-            if name not in device_files:
-                create(objs)
-        pod = self._wait_superlink(core, r.ns, timeout=300)
-        self._forward = _PortForward(api, r.ns, pod, SUPERLINK_PORT)
-        address = f"127.0.0.1:{self._forward.local_port}"
-        if bundle is not None:
-            from flotilla.security import CertError, register_nodes
-
-            try:
-                register_nodes(address, bundle, [d.name for d in plan.devices])
-            except CertError as err:
-                raise TargetError(str(err)) from None
-        # Devices only after registration: an unregistered SuperNode is refused and would crash-loop.
-        for objs in device_files.values():
-            create(objs)
-        return Federation(control_address=address, insecure=not r.tls,
-                          root_certificates=str(bundle.ca_cert.resolve()) if bundle else None,
-                          output_dir=RECORDS_MOUNT)
-
-    @staticmethod
-    def _wait_superlink(core, ns: str, timeout: float) -> str:
-        end = time.time() + timeout
-        why = "no pod yet"
-        while time.time() < end:
-            pods = core.list_namespaced_pod(ns, label_selector="app.kubernetes.io/component=superlink").items
-            for p in pods:
-                conds = {c.type: c.status for c in (p.status.conditions or [])}
-                if conds.get("Ready") == "True":
-                    return p.metadata.name
-                for cs in p.status.container_statuses or []:
-                    if cs.state.waiting and cs.state.waiting.reason:
-                        why = cs.state.waiting.reason
-                        if why in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
-                            raise TargetError(f"SuperLink pod cannot get its image ({why}): {cs.image}; "
-                                              "push it to a registry the nodes can pull from (--registry)")
-                why = why if p.status.phase == "Pending" else p.status.phase
-            time.sleep(1)
-        raise TargetError(f"SuperLink in namespace {ns} not ready within {timeout:.0f} s ({why}); "
-                          f"see kubectl -n {ns} describe pod -l app.kubernetes.io/component=superlink")
-
-    def device_states(self, run: RunRecord) -> dict[str, str]:
-        from kubernetes import client
-
-        ns = run.state().get("k8s_namespace")
-        names = run.state().get("devices") or [d["name"] for d in run.plan()["devices"]]
-        states = {n: "starting" for n in names}
-        if not ns:
-            return states
-        api = self._api(run)
-        try:
-            pods = client.CoreV1Api(api).list_namespaced_pod(
-                ns, label_selector="app.kubernetes.io/component=device").items
-        except client.ApiException as err:
-            if err.status == 404:
-                return {n: "stopped" for n in names}
-            raise
-        for p in pods:
-            dev = pod_device_name(p.metadata.name)
-            if dev in states:
-                states[dev] = pod_state(p)
-        if time.time() - self._last_sync > 3:
-            self._sync_records(api, run)
-        return states
-
-    def _sync_records(self, api, run: RunRecord) -> None:
-        """Copy the ServerApp's records (metrics.jsonl, weights.npz, ...) from the SuperLink pod."""
-        from kubernetes import client
-        from kubernetes.stream import stream
-
-        self._last_sync = time.time()
-        ns = run.state().get("k8s_namespace")
-        core = client.CoreV1Api(api)
-        try:
-            pods = core.list_namespaced_pod(ns, label_selector="app.kubernetes.io/component=superlink").items
-            if not pods:
-                return
-            out = stream(core.connect_get_namespaced_pod_exec, pods[0].metadata.name, ns,
-                         command=["python", "-c", _RECORDS_TAR], stderr=False, stdin=False, stdout=True, tty=False)
-            with tarfile.open(fileobj=io.BytesIO(base64.b64decode(out)), mode="r:gz") as tar:
-                tar.extractall(run.dir, filter="data")
-        except Exception:  # noqa: BLE001 - records are copied again on the next call
-            return
-
-    def down(self, run: RunRecord) -> None:
-        from kubernetes import client
-
-        if self._forward:
-            self._forward.close()
-            self._forward = None
-        ns = run.state().get("k8s_namespace")
-        if not ns:
-            return
-        try:
-            api = self._api(run)
-        except TargetError as err:
-            run.write_state(k8s_down_error=str(err))
-            raise
-        core = client.CoreV1Api(api)
-        self._sync_records(api, run)
-        self._save_logs(core, run, ns)
-        try:
-            core.delete_namespace(ns, propagation_policy="Foreground")
-        except client.ApiException as err:
-            if err.status != 404:
-                raise TargetError(f"deleting namespace {ns}: HTTP {err.status} {err.reason}") from None
-        end = time.time() + 180
-        while time.time() < end:
-            try:
-                core.read_namespace(ns)
-            except client.ApiException as err:
-                if err.status == 404:
-                    break
-            time.sleep(2)
-        run.write_state(k8s_namespace_deleted=True)
-
-    def _save_logs(self, core, run: RunRecord, ns: str) -> None:
-        try:
-            pods = core.list_namespaced_pod(ns, label_selector="app.kubernetes.io/managed-by=flotilla").items
-        except Exception:  # noqa: BLE001
-            return
-        for p in pods:
-            comp = (p.metadata.labels or {}).get("app.kubernetes.io/component")
-            name = "superlink" if comp == "superlink" else pod_device_name(p.metadata.name)
-            try:
-                run.log_path(name).write_text(core.read_namespaced_pod_log(p.metadata.name, ns))
-            except Exception:  # noqa: BLE001 - a pod that never started has no log
-                pass
-
-    def log_path(self, run: RunRecord, device: str | None) -> Path:
-        from kubernetes import client
-
-        ns = run.state().get("k8s_namespace")
-        path = run.log_path(device or "superlink")
-        if ns and not run.state().get("k8s_namespace_deleted"):
-            try:
-                api = self._api(run)
-                core = client.CoreV1Api(api)
-                if device is None:
-                    sel = "app.kubernetes.io/component=superlink"
-                    pods = core.list_namespaced_pod(ns, label_selector=sel).items
-                    pod = pods[0].metadata.name if pods else None
-                else:
-                    pod = device_pod_name(device)
-                if pod:
-                    path.write_text(core.read_namespaced_pod_log(pod, ns))
-            except Exception:  # noqa: BLE001 - fall back to what was saved last
-                pass
-        return path
-
-
 def pod_device_name(pod: str) -> str:
     """StatefulSet pod `<class>-<ordinal>` -> device `<class>-<ordinal+1>`."""
     cls, _, ordinal = pod.rpartition("-")
@@ -728,14 +386,3 @@ def pod_device_name(pod: str) -> str:
 def device_pod_name(device: str) -> str:
     cls, _, i = device.rpartition("-")
     return f"{cls}-{int(i) - 1}"
-
-
-def pod_state(pod) -> str:
-    if pod.metadata.deletion_timestamp:
-        return "stopped"
-    for cs in pod.status.container_statuses or []:
-        if cs.state.terminated or (cs.state.waiting and cs.state.waiting.reason == "CrashLoopBackOff"):
-            return "exited"
-        if cs.state.running:
-            return "running"
-    return {"Failed": "exited", "Succeeded": "exited"}.get(pod.status.phase, "starting")

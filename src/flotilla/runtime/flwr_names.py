@@ -1,0 +1,77 @@
+"""Every flwr name Flotilla's runtime reaches into beyond Flower's documented API, and why.
+
+Checked against flwr FLWR_CHECKED (pyproject pins it; tests/test_flwr_names.py
+fails loudly when the installed flwr differs, or when any name below moved).
+Each patch in flotilla.runtime also checks its own target at run time and runs
+flwr as shipped, with a line on stderr, if it is gone.
+
+    module                                          name                            used by: for
+"""
+
+from __future__ import annotations
+
+import importlib
+
+FLWR_CHECKED = "1.42.0"
+
+# (module, dotted attribute, who uses it and why)
+NAMES: list[tuple[str, str, str]] = [
+    # the SuperNode (flotilla.runtime.supernode, engine_tuning)
+    ("flwr.supernode.start_client_internal", "time", "engine_tuning: its 3 s idle poll and 0.5 s checks shortened"),
+    ("flwr.supernode.start_client_internal", "subprocess", "supernode: starts Flotilla's SuperExec"),
+    ("flwr.supernode.nodestate.in_memory_nodestate", "InMemoryNodeState.create_task",
+     "engine_tuning: wakes the SuperExec on each new task"),
+    ("flwr.supernode.nodestate.in_memory_nodestate", "InMemoryNodeState.set_node_id",
+     "supernode: writes the device's node id to the record"),
+    ("flwr.supernode.cli", "flower_supernode", "supernode: the SuperNode itself"),
+    ("flwr.supercore.inflatable.inflatable_utils", "pull_objects", "engine_tuning: object pull back-off 50 ms"),
+    ("flwr.supercore.inflatable.inflatable_utils", "pull_and_inflate_object_from_tree",
+     "engine_tuning: object pull back-off 50 ms"),
+    # the SuperExec (flotilla.runtime.superexec)
+    ("flwr.supercore.superexec.run_superexec", "get_executor", "superexec: Flotilla's executor"),
+    ("flwr.supercore.superexec.run_superexec", "time", "engine_tuning: the SuperExec sleeps on the wake pipe"),
+    ("flwr.supercore.superexec.executor", "LaunchResult", "superexec: the Executor protocol"),
+    ("flwr.supercore.superexec.executor.types", "ExecutionSpec", "superexec: the Executor protocol"),
+    ("flwr.supercore.superexec.executor.subprocess_executor", "SubprocessExecutor", "superexec: the fallback"),
+    ("flwr.supercore.constant", "TaskType", "superexec: ClientApp vs ServerApp tasks"),
+    ("flwr.supercore.constant", "ExecutorType", "superexec: only the subprocess executor is replaced"),
+    ("flwr.supercore.constant", "TASK_TYPE_TO_APPIO_API_ADDRESS_ARG", "superexec: a task's arguments"),
+    ("flwr.supercore.cli", "flower_superexec", "superexec: the SuperExec itself"),
+    ("flwr.supercore.tls", "validate_and_resolve_root_certificates", "superexec: a forked ClientApp's TLS"),
+    ("flwr.supernode.runtime.run_clientapp", "run_clientapp", "superexec: what a forked ClientApp runs"),
+    ("flwr.clientapp.utils", "load_app", "preload: compares the FAB with the preloaded code first"),
+    ("flwr.clientapp", "ClientApp.__call__", "stamp: a reply's compute time"),
+    # the SuperLink and the ServerApp (flotilla.runtime.superlink, serverapp, observer)
+    ("flwr.superlink.cli.flower_superlink", "subprocess", "superlink: starts Flotilla's SuperExec"),
+    ("flwr.superlink.cli", "flower_superlink", "superlink: the SuperLink itself"),
+    ("flwr.superlink.cli", "flwr_serverapp", "serverapp: the ServerApp process itself"),
+    ("flwr.superlink.runtime.run_serverapp", "run_", "serverapp: hands the app the observing grid"),
+    ("flwr.serverapp.strategy", "Strategy.start", "serverapp: the app's aggregates and central evaluation"),
+    ("flwr.server.history", "History.add_loss_centralized", "serverapp: legacy API rounds"),
+    ("flwr.server.history", "History.add_metrics_centralized", "serverapp: legacy API rounds"),
+    ("flwr.server.history", "History.add_loss_distributed", "serverapp: legacy API rounds"),
+    ("flwr.server.history", "History.add_metrics_distributed", "serverapp: legacy API rounds"),
+    ("flwr.server.history", "History.add_metrics_distributed_fit", "serverapp: legacy API rounds"),
+    ("flwr.server.server", "Server.fit", "serverapp: the legacy API's final model"),
+    ("flwr.server.server", "Server.fit_round", "serverapp: the legacy API's model after each round (checkpoint)"),
+    ("flwr.common.constant", "ErrorCode.NODE_UNAVAILABLE", "observer: a lost device's pending messages"),
+    # the driver (flotilla.flower_control)
+    ("flwr.supercore.control.control_http_client", "ControlHttpClient", "flower_control: Control API in-process"),
+    ("flwr.supercore.interceptors", "RuntimeVersionHttpInterceptor", "flower_control: Control API in-process"),
+    ("flwr.proto.control_pb2", "ListNodesRequest", "flower_control: nodes online"),
+    ("flwr.proto.control_pb2", "ListRunsRequest", "flower_control: a run's status"),
+    ("flwr.proto.control_pb2", "StopRunRequest", "flower_control: stopping a run"),
+]
+
+
+def missing(names: list[tuple[str, str, str]] = NAMES) -> list[str]:
+    """The names above that the installed flwr lacks ("module:attr")."""
+    out = []
+    for module, attr, _ in names:
+        try:
+            obj = importlib.import_module(module)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            out.append(f"{module}:{attr}")
+    return out
