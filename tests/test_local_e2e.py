@@ -97,20 +97,47 @@ def test_ctrl_c_cleans_up(job_file, tmp_path):
     assert cgroups_of(run.name) == []
 
 
-def test_dead_device_is_reported_and_run_goes_on(job_file, tmp_path):
-    job = job_file(rounds=4, devices=[{"name": "dev", "count": 3, "cpus": 1.0, "memory": "1g"}])
+def _kill_after_round_1(job, tmp_path, victim_name: str):
     proc = subprocess.Popen(FLOTILLA + ["run", str(job), "--json"], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     runs = tmp_path / "runs"
     run_dir = wait_until(lambda: next(iter(runs.glob("*/state.json")), None), 60, "the run record").parent
     wait_until(lambda: len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2
                if (run_dir / "metrics.jsonl").exists() else False, 300, "round 1")
-    victim = json.loads((run_dir / "state.json").read_text())["groups"]["dev-3"]
+    victim = json.loads((run_dir / "state.json").read_text())["groups"][victim_name]
+    killed_at = time.time()
     os.killpg(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
+    return proc, out, err, run_dir, killed_at
+
+
+def test_a_killed_device_is_restarted_and_trained_again(job_file, tmp_path):
+    job = job_file(rounds=6, devices=[{"name": "dev", "count": 3, "cpus": 1.0, "memory": "1g"}])
+    proc, out, err, run_dir, killed_at = _kill_after_round_1(job, tmp_path, "dev-3")
+    assert proc.returncode == 0, err[-3000:]
+    s = last_json(out)
+    assert s["status"] == "completed" and s["lost_devices"] == [] and len(s["rounds"]) == 6
+    assert "device dev-3 exited: killed by SIGKILL" in err and "restarting it" in err
+    events = [json.loads(line) for line in (run_dir / "recovery.jsonl").read_text().splitlines()]
+    down = next(e for e in events if e["event"] == "device_down" and e["device"] == "dev-3")
+    up = next(e for e in events if e["event"] == "device_restarted" and e["device"] == "dev-3")
+    assert down["t"] - killed_at < 10  # noticed in seconds (its process is watched), not Flower's 60 s
+    assert up["t"] > down["t"]
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    trained_after = [r["round"] for r in rounds if r["t_start"] > up["t"]
+                     and any(d["name"] == "dev-3" and d["status"] == "ok" for d in r["devices"])]
+    assert trained_after, "dev-3 never trained again after its restart"
+    assert processes_of(run_dir) == []
+
+
+def test_without_restarts_a_dead_device_is_lost_and_the_run_goes_on(job_file, tmp_path):
+    job = job_file(rounds=4, devices=[{"name": "dev", "count": 3, "cpus": 1.0, "memory": "1g"}],
+                   recovery={"device_restarts": 0})
+    proc, out, err, run_dir, _ = _kill_after_round_1(job, tmp_path, "dev-3")
     assert proc.returncode == 0, err[-3000:]
     s = last_json(out)
     assert s["status"] == "completed" and s["lost_devices"] == ["dev-3"]
-    assert "device dev-3 exited" in err
+    assert s["lost_reasons"]["dev-3"] == "killed by SIGKILL"
+    assert "device dev-3 exited" in err and "lost for good" in err
     assert len(s["rounds"]) == 4
     assert processes_of(run_dir) == []

@@ -91,6 +91,11 @@ class Driver:
         self.devices = Supervisor(job, self.plan, run, target, self.progress, self.notes)
         self.restarts = 0
         self.submitted_at = 0.0
+        # once per run, not per Flower run: a resumed run does not throttle or fault again what it already did
+        from flotilla.throttle import Throttler
+
+        self.throttler = Throttler(run) if job.heterogeneity.throttle else None
+        self.faults = FaultSchedule(run, job.faults, target) if job.faults else None
 
     # -- signals -------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
@@ -275,10 +280,7 @@ class Driver:
         return sum(1 for d in self.plan.devices if (self.paths.nodes / f"{d.name}.ready").exists())
 
     def _follow(self, on_update) -> None:
-        from flotilla.throttle import Throttler
-
-        throttler = Throttler(self.run) if self.job.heterogeneity.throttle else None
-        faults = FaultSchedule(self.run, self.job.faults, self.target) if self.job.faults else None
+        throttler, faults = self.throttler, self.faults
         rounds = JsonlTail(self.paths.metrics)
         last_status = last_health = 0.0
         control_ok = time.time()

@@ -41,7 +41,8 @@ class FaultSchedule:
 
     def __init__(self, run: RunRecord, faults: list, target) -> None:
         self.run, self.target = run, target
-        self.pending = list(enumerate(faults))
+        done = {rec.get("source") for rec in read_jsonl(run.dir / FAULTS_FILE)}  # a resumed run: not again
+        self.pending = [(i, f) for i, f in enumerate(faults) if f"faults[{i}]" not in done]
         self.resumes: list[tuple[float, str]] = []  # (when, process) for pauses with for_s
 
     def tick(self) -> list[dict]:
