@@ -361,6 +361,15 @@ def check_job_paths(job: Job, source: str = "job") -> None:
 
     if job.data.path is not None and not job.data.path.is_dir():
         raise JobError(f"{source}: data.path: {job.data.path} is not a directory; point it at the MNIST IDX files")
+    if job.data.dataset == "mnist":  # read the files now: garbage fails here, not in the ServerApp minutes later
+        from flotilla.data.datasets import DataError, load_mnist_idx
+
+        try:
+            x, _, _, _ = load_mnist_idx(job.data.path)
+        except DataError as err:
+            raise JobError(f"{source}: data.path: {err}") from None
+        if len(x) < job.device_count:
+            raise JobError(f"{source}: data.path: {len(x)} images for {job.device_count} devices; give each at least one")
     if not job.builtin_app and not (Path(job.app) / "pyproject.toml").is_file():
         raise JobError(
             f"{source}: app: {job.app!r} is neither a built-in app ({', '.join(BUILTIN_APPS)}) "

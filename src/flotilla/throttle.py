@@ -189,6 +189,10 @@ def throttle_now(run: RunRecord, device: str, cpus: float | None = None, memory:
     devices = st.get("devices") or [d["name"] for d in run.plan().get("devices", [])]
     if device not in devices:
         raise ThrottleError(f"unknown device {device!r} in run {run.run_id}; its devices: {', '.join(devices)}")
+    down = set(st.get("lost_devices") or []) | set(st.get("down_devices") or [])
+    if device in down:
+        why = (st.get("lost_reasons") or {}).get(device, "")
+        raise ThrottleError(f"device {device} is down ({why or 'not running'}): there is nothing to throttle")
     applied = set_device_limits(run, device, cpus, memory)
     rec = {"t": time.time(), "device": device, "cpus": cpus, "memory": memory, "source": "manual",
            "round": _current_round(run), "applied": applied}

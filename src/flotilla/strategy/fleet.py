@@ -132,7 +132,8 @@ class FleetFedAvg(FedAvg):
         devices, failures = [], 0
         for msg in replies:
             node = msg.metadata.src_node_id
-            if msg.has_error():
+            if msg.has_error():  # (Flower's own NODE_UNAVAILABLE comes from the SuperLink's node: name the device)
+                node = getattr(grid, "sent_to", {}).get(msg.metadata.reply_to_message_id, node)
                 failures += 1
                 devices.append(self._missing(node, "lost", plan, error=str(msg.error.reason)[:300]))
                 continue

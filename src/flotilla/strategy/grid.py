@@ -63,6 +63,7 @@ class FleetGrid:
         self.on_abandon: Callable[[int, str], None] | None = None
         self.pushed_at: float | None = None  # when the last exchange's messages went out
         self.arrived: dict[int, float] = {}  # node id -> when its reply arrived (last exchange)
+        self.sent_to: dict[str, int] = {}  # message id -> the node it went to (last exchange)
         self.outstanding: dict[str, Outstanding] = {}  # message id -> past-deadline message still being worked on
         self.late_replies: list[LateReply] = []  # late replies not yet taken by the strategy
         self._lock = threading.Lock()  # outstanding and late_replies, shared with the puller thread
@@ -140,6 +141,7 @@ class FleetGrid:
         ids = list(self._grid.push_messages(messages))
         start = self.pushed_at = time.time()
         dst = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages) if mid}
+        self.sent_to = dst  # an error reply from the SuperLink itself comes from its node, not the device's
         pending = set()
         for mid, node in dst.items():
             if node in self.optional:
