@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast lint install bench clean
 
 $(BIN)/flotilla: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,9 @@ test: install
 
 test-fast: install
 	$(BIN)/pytest -q -m "not e2e and not docker"
+
+lint: install
+	$(BIN)/ruff check src tests bench
 
 bench: install
 	$(BIN)/python bench/round_overhead.py

@@ -105,7 +105,8 @@ def test_rendered_compose_passes_docker_compose_config(tmp_path, compose):
 
     mnist = tmp_path / "mnist-idx"
     mnist.mkdir()
-    plan = make_plan(load_job(write_job(tmp_path, dataset="mnist", data_path=mnist)))
+    # the data is not read here (an empty directory): this checks the rendered file, not a run
+    plan = make_plan(load_job(write_job(tmp_path, dataset="mnist", data_path=mnist), check_paths=False))
     out = tmp_path / "rendered"
     files = ComposeTarget().render(plan, out)
     names = {p.relative_to(out).as_posix() for p in files}
@@ -251,6 +252,35 @@ def test_compose_runs_a_user_app_unchanged(tmp_path, image):
     assert _project_leftovers(run.state()["compose_project"]) == {"containers": [], "networks": [], "volumes": []}
 
 
+@pytest.mark.timeout(900)
+def test_compose_faults_through_the_engine_are_recovered(tmp_path, image):
+    """A device container killed and the ServerApp killed inside the SuperLink's container: the device is
+    restarted by the engine, the run resumes from its checkpoint, every round is there, nothing is left."""
+    from flotilla.runs import RunRecord, read_jsonl
+
+    job = write_job(tmp_path, rounds=5)
+    doc = yaml.safe_load(job.read_text())
+    doc["faults"] = [{"at_round": 2, "kill": "mid-1"}, {"at_round": 3, "kill": "serverapp"}]
+    doc["strategy"]["min_devices"] = 2
+    job.write_text(yaml.safe_dump(doc))
+    env = os.environ | {"PYTHONPATH": str(Path(flotilla.__file__).parents[1])}
+    res = subprocess.run([sys.executable, "-m", "flotilla.cli", "run", str(job), "--target", "compose", "--json"],
+                         capture_output=True, text=True, env=env, timeout=880)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4, 5]
+    run = RunRecord(next((tmp_path / "runs").glob("*")))
+    faults = {f["process"]: f for f in read_jsonl(run.dir / "faults.jsonl")}
+    events = read_jsonl(run.dir / "recovery.jsonl")
+    down = next(e for e in events if e["event"] == "device_down" and e["device"] == "mid-1")
+    assert down["t"] - faults["mid-1"]["t"] < 10
+    assert any(e["event"] == "device_restarted" and e["device"] == "mid-1" for e in events)
+    sa = next(e for e in events if e["event"] == "serverapp_down")
+    assert sa["t"] - faults["serverapp"]["t"] < 10
+    assert [r["what"] for r in summary["recoveries"]] == ["serverapp"]
+    assert _project_leftovers(run.state()["compose_project"]) == {"containers": [], "networks": [], "volumes": []}
+
+
 def test_down_is_idempotent_and_safe_without_a_project(tmp_path, engine):
     from flotilla.driver import create_run
     from flotilla.targets.compose.target import ComposeTarget
@@ -259,9 +289,13 @@ def test_down_is_idempotent_and_safe_without_a_project(tmp_path, engine):
     run = create_run(job, "compose")
     target = ComposeTarget()
     target.down(run)  # nothing was started: no-op
-    run.write_state(compose_project="flotilla-never-started-" + run.run_id[-4:])
+    assert "compose_down" not in run.state()
+    project = "flotilla-never-started-" + run.run_id[-4:]
+    run.write_state(compose_project=project)
     target.down(run)
-    target.down(run)
+    target.down(run)  # again: still fine
+    assert run.state()["compose_down"] is True
+    assert _project_leftovers(project) == {"containers": [], "networks": [], "volumes": []}
 
 
 def test_image_is_versioned_lean_and_offline_ready(image):

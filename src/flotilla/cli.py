@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from flotilla.capacity import check_fleet
 from flotilla.errors import EXIT_CODES, FlotillaError, UserError
 from flotilla.job import job_schema, load_job
 
@@ -82,6 +83,7 @@ def _load(job_file: Path, target: Optional[str]):
     if target not in REGISTRY:
         fail(f"--target: {target!r} is not available; choose one of {', '.join(REGISTRY)}")
     check_job(job, target)
+    check_fleet(job, target)  # spreads this target can give; on local, the fleet's memory fits this machine
     return job, target
 
 

@@ -42,9 +42,11 @@ def status(
     runs_dir: Path = RunsDirOpt,
     all_runs: bool = typer.Option(False, "--all", "-a", help="List every run."),
     json_out: bool = typer.Option(False, "--json"),
+    devices: str = typer.Option("auto", "--devices", help="all: a row for every device; N: beyond 20 devices, a "
+                                "row per class, then the lost, down and N slowest devices (default 10)."),
 ) -> None:
     """Show a run's state, rounds and devices (works while it runs and after)."""
-    from flotilla.status import run_status, show_status, show_table
+    from flotilla.status import parse_devices_option, run_status, show_status, show_table
 
     if all_runs:
         recs = list_runs(runs_dir)
@@ -53,8 +55,9 @@ def status(
         else:
             show_table(out, recs)
         return
+    shown = parse_devices_option(devices)
     st = run_status(_find(run_id, runs_dir))
-    print(json.dumps(st)) if json_out else show_status(out, st)
+    print(json.dumps(st)) if json_out else show_status(out, st, shown)
 
 
 def logs(

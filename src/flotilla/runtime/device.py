@@ -27,7 +27,8 @@ from flotilla.contracts import OWNER_LEASE_ENV
 from flotilla.runtime.commands import flower_env
 from flotilla.runtime.lease import owner_gone
 from flotilla.runtime.preload import PRELOAD_ENV, READY_FILE_ENV, THREADS_ENV
-from flotilla.runtime.supernode import DEVICE_CLASS_ENV, DEVICE_ENV, NODE_FILE_ENV
+from flotilla.runtime.supernode import DEVICE_CLASS_ENV, DEVICE_ENV, NODE_FILE_ENV, WAKE_WRITE_FD_ENV
+from flotilla.runtime.zygote import ZYGOTE_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         env[NODE_FILE_ENV] = str(nodes / f"{args.name}.json")
         if args.trainer or args.preload_app:  # the trainer, or the preloading fork server, says when it is warm
             env[READY_FILE_ENV] = str(nodes / f"{args.name}.ready")
-    children: list[tuple[str, subprocess.Popen]] = []
+    children: list[tuple[str, subprocess.Popen | Forked]] = []
     stopping = False
 
     def stop(*_):
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--threads", str(args.threads)]
             # The SuperNode starts right away, in parallel (importing torch takes seconds on a small
             # CPU quota); a ClientApp that arrives before the trainer is ready waits for its socket.
-            children.append(("trainer", subprocess.Popen(cmd, env=env)))
+            children.append(("trainer", start(cmd, env)))
             node_config = (node_config + " " + format_node_config({"trainer": sock})).strip()
         cmd = [sys.executable, "-m", "flotilla.runtime.supernode", "--superlink", args.superlink,
                "--port", str(args.port), "--node-config", node_config]
@@ -91,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--root-certificates", args.root_certificates]
         if args.auth_private_key:
             cmd += ["--auth-supernode-private-key", args.auth_private_key]
-        children.append(("supernode", subprocess.Popen(cmd, env=env)))
+        if shared():
+            children += start_shared_supernode(cmd, env, args.port, insecure=args.insecure)
+        else:
+            children.append(("supernode", start(cmd, env)))
         print(f"flotilla device {args.name}: started (pids {[c.pid for _, c in children]})", flush=True)
         lease = os.environ.get(OWNER_LEASE_ENV)
         while not stopping:
@@ -114,6 +118,75 @@ def main(argv: list[str] | None = None) -> int:
             pass
         if os.path.isdir(sock_dir) and not os.listdir(sock_dir):
             os.rmdir(sock_dir)
+
+
+def shared() -> bool:
+    """Forked from the run's zygote (flotilla.runtime.zygote): children are forks of this warm process too."""
+    return os.environ.get(ZYGOTE_ENV) == "1"
+
+
+class Forked:
+    """A child forked from this (warm) process, with the part of Popen's interface the device uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.returncode = pid, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                self.returncode = 1
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        end = None if timeout is None else time.time() + timeout
+        while self.poll() is None:
+            if end is not None and time.time() > end:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+
+def start(cmd: list[str], env: dict, pass_fds: tuple = ()) -> "subprocess.Popen | Forked":
+    if shared():
+        from flotilla.runtime.zygote import fork_module
+
+        return Forked(fork_module(cmd, env, new_session=False, pass_fds=pass_fds))
+    return subprocess.Popen(cmd, env=env, pass_fds=pass_fds)
+
+
+def start_shared_supernode(cmd: list[str], env: dict, port: int, insecure: bool) -> list[tuple[str, Forked]]:
+    """In a shared fleet: the SuperNode (`--isolation process`) and its SuperExec, both forked from here, joined
+    by the wake pipe (a new task wakes the SuperExec). A SuperNode would start its SuperExec as a new Python."""
+    from flotilla.runtime import engine_tuning
+    from flotilla.runtime.superexec import ROLE_ENV
+
+    r, w = os.pipe()
+    supernode = start([*cmd, "--isolation", "process", "--host", "127.0.0.1"], env | {WAKE_WRITE_FD_ENV: str(w)},
+                      pass_fds=(w,))
+    superexec_cmd = [sys.executable, "-m", "flotilla.runtime.superexec", "--runtime-api-address", f"127.0.0.1:{port}"]
+    if insecure:
+        superexec_cmd.insert(3, "--insecure")
+    superexec = start(superexec_cmd, env | {ROLE_ENV: "client", engine_tuning.WAKE_FD_ENV: str(r)}, pass_fds=(r,))
+    os.close(r)
+    os.close(w)
+    return [("supernode", supernode), ("superexec", superexec)]
 
 
 def _end(children: list[subprocess.Popen]) -> None:

@@ -41,7 +41,7 @@ PULL_MAX_TRIES = 7200
 
 LOCAL_CHECK_S = 0.02  # the SuperNode's in-process checks (flwr: 0.5 s)
 LOCAL_CHECK_BELOW_S = 1.0  # flwr's in-process waits are 0.5 s; its network poll waits 3 s
-WAKE_FALLBACK_S = 1.0  # a SuperExec woken on each new task still polls this often
+WAKE_FALLBACK_S = 3.0  # a SuperExec woken on each new task still polls this often (a missed wake-up)
 WAKE_FD_ENV = "FLOTILLA_TASK_WAKE_FD"
 
 
@@ -93,8 +93,53 @@ class WakeableTime(_TimeProxy):
                 self.fd = -1
 
 
+class WakeableIdleTime(CappedSleepTime):
+    """The SuperNode loop's idle wait ends when the SuperLink says a message is there (a UDP datagram on
+    `sock`), else after `idle_s`: an idle device asks the SuperLink every few seconds, not every 0.2 s,
+    and still starts on new work at once. In-process checks stay capped at LOCAL_CHECK_S."""
+
+    def __init__(self, sock, idle_s: float) -> None:
+        super().__init__(idle_s)
+        self.sock, self.idle_s = sock, idle_s
+        sock.setblocking(False)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds < self.local_below_s:
+            _time.sleep(min(seconds, self.local_cap_s))
+            return
+        ready, _, _ = select.select([self.sock], [], [], self.idle_s)
+        if ready:
+            try:
+                while self.sock.recv(64):  # drain: one wake-up covers every message stored so far
+                    pass
+            except (BlockingIOError, OSError):
+                pass
+
+
+WAKE_ENV = "FLOTILLA_WAKE_UDP"  # =1: the SuperLink wakes this machine's SuperNodes by UDP (local target)
+IDLE_POLL_ENV = "FLOTILLA_IDLE_POLL_S"
+
+
 def poll_cap_s() -> float:
     return float(os.environ.get("FLOTILLA_POLL_S", "0.2"))
+
+
+def wake_on_messages(idle_s: float | None = None):
+    """In a SuperNode: sleep in its idle poll until woken by the SuperLink (a UDP socket on 127.0.0.1);
+    returns the socket's port (for the node file) or None where the loop is not found."""
+    import socket
+
+    idle_s = float(os.environ.get(IDLE_POLL_ENV, "3.0")) if idle_s is None else idle_s
+    try:
+        import flwr.supernode.start_client_internal as sci
+    except ImportError:
+        return None
+    if getattr(sci, "time", None) is not _time and not isinstance(getattr(sci, "time", None), CappedSleepTime):
+        return None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sci.time = WakeableIdleTime(sock, idle_s)
+    return sock.getsockname()[1]
 
 
 def shorten_supernode_poll(cap_s: float | None = None) -> bool:
@@ -136,6 +181,12 @@ def superexec_wake_pipe() -> int:
     os.set_blocking(w, False)
     _wake_fds.append(w)
     return r
+
+
+def wake_pipe_from(write_fd: int) -> None:
+    """A SuperExec started beside this SuperNode (not by it) reads the other end of this pipe."""
+    os.set_blocking(write_fd, False)
+    _wake_fds.append(write_fd)
 
 
 def _wake_superexecs() -> None:

@@ -44,6 +44,8 @@ NAMES: list[tuple[str, str, str]] = [
     # the SuperLink and the ServerApp (flotilla.runtime.superlink, serverapp, observer)
     ("flwr.superlink.cli.flower_superlink", "subprocess", "superlink: starts Flotilla's SuperExec"),
     ("flwr.superlink.cli", "flower_superlink", "superlink: the SuperLink itself"),
+    ("flwr.server.superlink.linkstate.in_memory_linkstate", "InMemoryLinkState.store_message_ins",
+     "superlink: wakes a SuperNode when a message for it is stored"),
     ("flwr.superlink.cli", "flwr_serverapp", "serverapp: the ServerApp process itself"),
     ("flwr.superlink.runtime.run_serverapp", "run_", "serverapp: hands the app the observing grid"),
     ("flwr.serverapp.strategy", "Strategy.start", "serverapp: the app's aggregates and central evaluation"),

@@ -40,6 +40,7 @@ PRELOAD = [
 ]
 BUILTIN_PRELOAD = "flotilla.app.client_app"
 FORK_ENV = "FLOTILLA_FORK_CLIENTAPPS"
+ZYGOTE_ENV = "FLOTILLA_ZYGOTE"  # (flotilla.runtime.zygote's) this process is a fork of the run's zygote
 ROLE_ENV = "FLOTILLA_SUPEREXEC_ROLE"  # "client" (a SuperNode's) or "server" (the SuperLink's)
 
 
@@ -109,6 +110,15 @@ def make_executor_class():
             self._servers: list[subprocess.Popen] = []
 
         def _fork_context(self):
+            if self._ctx is None and os.environ.get(ZYGOTE_ENV) == "1":
+                # a shared fleet: this process is already a fork of the run's warm zygote (app and torch loaded,
+                # single-threaded): ClientApps fork from it directly, sharing its pages
+                self._ctx = multiprocessing.get_context("fork")
+                from flotilla.runtime.preload import mark_ready
+
+                mark_ready("forked from the run's zygote")
+                print("flotilla: ClientApps start as forks of this SuperExec (a fork of the run's zygote)",
+                      file=sys.stderr, flush=True)
             if self._ctx is None:
                 from multiprocessing import forkserver
 

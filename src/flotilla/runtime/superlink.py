@@ -10,8 +10,10 @@ Everything else is flwr's SuperLink, unmodified, with the same arguments.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
 
 from flotilla.runtime.supernode import SuperExecPopen
 
@@ -29,6 +31,64 @@ def use_flotilla_superexec() -> bool:
     return True
 
 
+class Waker:
+    """Wakes a SuperNode on this machine when a message for it is stored (its node file has its UDP port)."""
+
+    def __init__(self, nodes_dir: Path) -> None:
+        import socket
+
+        self.nodes_dir = nodes_dir
+        self.ports: dict[int, int] = {}
+        self._mtime = None
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+
+    def __call__(self, node_id: int) -> None:
+        port = self.ports.get(node_id) or self._refresh().get(node_id)
+        if port:
+            try:
+                self.sock.sendto(b"w", ("127.0.0.1", port))
+            except OSError:
+                pass
+
+    def _refresh(self) -> dict[int, int]:
+        try:
+            mtime = self.nodes_dir.stat().st_mtime_ns
+        except OSError:
+            return self.ports
+        if mtime != self._mtime:
+            self._mtime, ports = mtime, {}
+            for f in self.nodes_dir.glob("*.json"):
+                try:
+                    doc = json.loads(f.read_text())
+                    if doc.get("wake_port"):
+                        ports[int(doc["node_id"])] = int(doc["wake_port"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+            self.ports = ports
+        return self.ports
+
+
+def wake_supernodes(nodes_dir: Path) -> bool:
+    """When the ServerApp's message for a node is stored, wake that node's SuperNode (it sleeps until then)."""
+    try:
+        from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+    except ImportError:
+        return False
+    shipped = getattr(InMemoryLinkState, "store_message_ins", None)
+    if shipped is None:
+        return False
+    waker = Waker(nodes_dir)
+
+    def store_message_ins(self, message):
+        out = shipped(self, message)
+        if out is not None:
+            waker(message.metadata.dst_node_id)
+        return out
+
+    InMemoryLinkState.store_message_ins = store_message_ins
+    return True
+
+
 def main() -> None:
     import signal
 
@@ -41,6 +101,13 @@ def main() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     watch_owner(os.environ.get(OWNER_LEASE_ENV), owner_gone)
+    from flotilla.contracts import RECORD_DIR_ENV
+    from flotilla.runtime.engine_tuning import WAKE_ENV
+
+    if os.environ.get(WAKE_ENV) == "1" and os.environ.get(RECORD_DIR_ENV):
+        if not wake_supernodes(Path(os.environ[RECORD_DIR_ENV]) / "nodes"):
+            print("flotilla: could not wake SuperNodes on new messages for this flwr version; they poll",
+                  file=sys.stderr, flush=True)
     if os.environ.get("FLOTILLA_FORK_CLIENTAPPS", "1") != "0" and not use_flotilla_superexec():
         print("flotilla: could not host the ServerApp for this flwr version; it runs unobserved",
               file=sys.stderr, flush=True)

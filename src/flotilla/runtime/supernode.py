@@ -23,6 +23,8 @@ from flotilla.runtime import engine_tuning
 from flotilla.runtime.superexec import ROLE_ENV
 
 NODE_FILE_ENV = "FLOTILLA_NODE_FILE"
+WAKE_WRITE_FD_ENV = "FLOTILLA_TASK_WAKE_WRITE_FD"  # a shared fleet's SuperExec reads this pipe's other end
+WAKE_PORT_ENV = "FLOTILLA_WAKE_PORT"  # this SuperNode's UDP port the SuperLink wakes (in its node file)
 DEVICE_ENV = "FLOTILLA_DEVICE"
 DEVICE_CLASS_ENV = "FLOTILLA_DEVICE_CLASS"
 
@@ -89,8 +91,11 @@ def report_node_id() -> bool:
         if path and node_id is not None:
             try:
                 tmp = f"{path}.tmp"
+                doc = {"device": device, "class": cls, "node_id": int(node_id), "pid": os.getpid()}
+                if os.environ.get(WAKE_PORT_ENV):
+                    doc["wake_port"] = int(os.environ[WAKE_PORT_ENV])
                 with open(tmp, "w") as fh:
-                    json.dump({"device": device, "class": cls, "node_id": int(node_id), "pid": os.getpid()}, fh)
+                    json.dump(doc, fh)
                 os.replace(tmp, path)
             except OSError as err:
                 print(f"flotilla: could not write {path}: {err}", file=sys.stderr, flush=True)
@@ -106,12 +111,22 @@ def _warn(what: str) -> None:
 
 
 def main() -> None:
-    if engine_tuning.poll_cap_s() > 0 and not engine_tuning.shorten_supernode_poll():
+    wake_port = None
+    if os.environ.get(engine_tuning.WAKE_ENV) == "1":
+        wake_port = engine_tuning.wake_on_messages()
+        if wake_port is None:
+            _warn("could not make the SuperNode wait for the SuperLink's wake-ups")
+        else:
+            os.environ[WAKE_PORT_ENV] = str(wake_port)
+    if wake_port is None and engine_tuning.poll_cap_s() > 0 and not engine_tuning.shorten_supernode_poll():
         _warn("could not shorten the SuperNode poll")
     if not engine_tuning.shorten_pull_backoff():
         _warn("could not shorten the object pull back-off")
     if not report_node_id():
         _warn("could not report the node id")
+    if os.environ.get(WAKE_WRITE_FD_ENV, "").isdigit():  # its SuperExec was forked beside it (shared fleet)
+        if engine_tuning.wake_superexec_on_tasks():
+            engine_tuning.wake_pipe_from(int(os.environ[WAKE_WRITE_FD_ENV]))
     if os.environ.get("FLOTILLA_FORK_CLIENTAPPS", "1") != "0" and not use_flotilla_superexec():
         _warn("could not start Flotilla's SuperExec")
     from flwr.supernode.cli import flower_supernode

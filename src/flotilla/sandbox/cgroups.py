@@ -433,6 +433,10 @@ class DeviceCgroup:
             except OSError as err:
                 raise CgroupError(f"{d}: cannot add pid {pid}: {err.strerror}") from None
 
+    def procs_files(self) -> list[str]:
+        """The cgroup.procs files a process writes its pid to, to enter the group (one per hierarchy)."""
+        return [str(d / "cgroup.procs") for d in self._unique_dirs()]
+
     def enter(self) -> None:
         """Move the calling process in; as Popen(preexec_fn=cg.enter) the child starts inside, race-free."""
         self.add_pid(os.getpid())

@@ -25,6 +25,7 @@ from flotilla.sandbox.procs import (
 )
 from flotilla.contracts import OWNER_LEASE_ENV, RecordPaths
 from flotilla.runs import RunRecord
+from flotilla.runtime.engine_tuning import WAKE_ENV
 from flotilla.runtime.commands import device_command, device_threads, flower_env, record_env, superlink_command
 from flotilla.targets.base import Federation, Target, TargetError
 
@@ -77,7 +78,7 @@ class LocalTarget(Target):
 
         job = plan.job
         # the fleet stops itself when the driver's lease goes stale (the driver was killed): no orphans
-        env = flower_env() | {"FLWR_HOME": str(run.dir / "flwr"), OWNER_LEASE_ENV: str(RecordPaths(run.dir).owner)}
+        env = self._fleet_env(run)
         port = free_port()
         run.write_state(superlink_port=port, groups={}, cgroups={}, device_pids={})
         # No --database: the state lives as long as this run, in memory (sqlite's locking failed runs
@@ -86,6 +87,8 @@ class LocalTarget(Target):
                                       policy=job.heterogeneity.policy, accuracy_metric=job.metrics.accuracy,
                                       loss_metric=job.metrics.loss)
         self._start_superlink(run, server_env, port)
+        if job.local.shared:
+            self._start_zygote(plan, run, env)
 
         want_limits = any(d.cpus is not None or d.memory is not None for d in plan.devices)
         enforce, reason = cgroups_available() if want_limits else (False, "no limits asked for")
@@ -97,8 +100,14 @@ class LocalTarget(Target):
             if enforce and (d.cpus is not None or d.memory is not None):
                 cg = DeviceCgroup.create(group_name(run.run_id, d.name), d.cpus, d.memory)
             self._start_device(plan, run, d.name, env, cg)
-        self._env, self._server_env = env, server_env
         return Federation(control_address=f"127.0.0.1:{port}", output_dir=str(run.dir))
+
+    @staticmethod
+    def _fleet_env(run: RunRecord) -> dict:
+        """Every local Flower process: its own FLWR_HOME; the fleet stops itself when the driver's lease goes
+        stale (no orphans); the SuperLink wakes idle SuperNodes by UDP on loopback (no busy polling)."""
+        return flower_env() | {"FLWR_HOME": str(run.dir / "flwr"), OWNER_LEASE_ENV: str(RecordPaths(run.dir).owner),
+                               WAKE_ENV: "1"}
 
     def _start_superlink(self, run: RunRecord, env: dict, port: int) -> None:
         log = run.log_path("superlink")
@@ -111,12 +120,41 @@ class LocalTarget(Target):
             raise TargetError(str(err)) from None
 
     def _start_device(self, plan: Plan, run: RunRecord, name: str, env: dict, cg) -> None:
-        port = run.state()["superlink_port"]
-        cmd = self._device_command(plan, plan.device(name), f"127.0.0.1:{port}", free_port(), str(run.dir),
-                                   sys.executable)
-        proc = self._spawn(cmd, env, run.log_path(name), cg, _workdir(run, name))
-        self.procs[name] = proc
-        self._record(run, name, proc.pid, cg)
+        st = run.state()
+        cmd = self._device_command(plan, plan.device(name), f"127.0.0.1:{st['superlink_port']}", free_port(),
+                                   str(run.dir), sys.executable)
+        if st.get("zygote_socket"):  # a shared fleet: the device is a fork of the run's warm zygote
+            from flotilla.runtime.zygote import request
+
+            pid = request(st["zygote_socket"], cmd, env, str(_workdir(run, name)), str(run.log_path(name)),
+                          cg.procs_files() if cg else [])
+            self.procs.pop(name, None)
+        else:
+            proc = self._spawn(cmd, env, run.log_path(name), cg, _workdir(run, name))
+            self.procs[name] = proc
+            pid = proc.pid
+        self._record(run, name, pid, cg)
+
+    def _start_zygote(self, plan: Plan, run: RunRecord, env: dict) -> None:
+        """The run's warm process (flotilla.runtime.zygote): every device forks from it and shares its pages."""
+        import tempfile
+
+        sock_dir = tempfile.mkdtemp(prefix="flotilla-z-")  # AF_UNIX paths are short: not in the record
+        sock = os.path.join(sock_dir, "zygote.sock")
+        cmd = [sys.executable, "-m", "flotilla.runtime.zygote", "--socket", sock, "--exits", str(run.dir / "exits")]
+        cmd += ["--builtin"] if plan.app.builtin else ["--preload-app", str(run.dir / "app")]
+        log = run.log_path("zygote")
+        proc = self.procs["zygote"] = self._spawn(cmd, env, log, None, _workdir(run, "zygote"))
+        self._record(run, "zygote", proc.pid, None)
+        run.write_state(zygote_dir=sock_dir)
+        end = time.time() + 300
+        while not os.path.exists(sock):
+            if proc.poll() is not None:
+                raise TargetError(f"the run's zygote exited with code {proc.returncode} at start-up; see {log}")
+            if time.time() > end:
+                raise TargetError(f"the run's zygote was not warm within 300 s; see {log}")
+            time.sleep(0.1)
+        run.write_state(zygote_socket=sock)
 
     # -- recovery and faults ---------------------------------------------------
     def restart_device(self, plan: Plan, run: RunRecord, device: str) -> None:
@@ -131,9 +169,7 @@ class LocalTarget(Target):
             cg = DeviceCgroup.from_state(cstate) if cstate else None
         except CgroupError:
             cg = None
-        env = getattr(self, "_env", None) or flower_env() | {
-            "FLWR_HOME": str(run.dir / "flwr"), OWNER_LEASE_ENV: str(RecordPaths(run.dir).owner)}
-        self._start_device(plan, run, device, env, cg)
+        self._start_device(plan, run, device, self._fleet_env(run), cg)
 
     def superlink_alive(self, run: RunRecord) -> bool | None:
         proc = self.procs.get("superlink")
@@ -176,7 +212,7 @@ class LocalTarget(Target):
     def device_states(self, run: RunRecord) -> dict[str, str]:
         out = {}
         for name, pid in run.state().get("groups", {}).items():
-            if name == "superlink":
+            if name in ("superlink", "zygote"):
                 continue
             proc = self.procs.get(name)
             alive = proc.poll() is None if proc is not None else pid_alive(pid)
@@ -185,7 +221,12 @@ class LocalTarget(Target):
 
     def exit_code(self, run: RunRecord, device: str) -> int | None:
         proc = self.procs.get(device)
-        return proc.poll() if proc else None
+        if proc is not None:
+            return proc.poll()
+        from flotilla.runtime.zygote import exit_code
+
+        pid = run.state().get("groups", {}).get(device)
+        return exit_code(run.dir / "exits", pid) if pid else None
 
     def device_health(self, run: RunRecord, device: str):
         from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
@@ -267,10 +308,13 @@ class LocalTarget(Target):
 
         st = run.state()
         groups = st.get("groups", {})
-        # every device at once (one grace period for the fleet), then the SuperLink
-        kill_groups([g for n, g in groups.items() if n != "superlink"])
-        if "superlink" in groups:
-            kill_groups([groups["superlink"]])
+        # every device at once (one grace period for the fleet), then the SuperLink and the zygote
+        kill_groups([g for n, g in groups.items() if n not in ("superlink", "zygote")])
+        kill_groups([groups[n] for n in ("superlink", "zygote") if n in groups])
+        if st.get("zygote_dir"):
+            import shutil
+
+            shutil.rmtree(st["zygote_dir"], ignore_errors=True)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=5)

@@ -96,3 +96,11 @@ def project_containers(project: str) -> dict[str, dict]:
             if svc:
                 out[svc] = c
     return out
+
+
+def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """One `docker` CLI call; a failure (when checked) is a TargetError with the engine's last words."""
+    res = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=60)
+    if check and res.returncode != 0:
+        raise TargetError(f"docker {' '.join(args[:2])} failed: {(res.stderr or res.stdout).strip()[-300:]}")
+    return res

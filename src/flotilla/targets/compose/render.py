@@ -7,6 +7,7 @@ from pathlib import Path
 
 from flotilla.job import format_memory
 from flotilla.plan import DevicePlan, Plan, format_node_config
+from flotilla.contracts import OWNER_LEASE_ENV
 from flotilla.runtime.commands import (
     DEVICE_PORT, FLOWER_ENV, METRICS_PORT, SUPERLINK_PORT, device_command, device_threads, superlink_command,
 )
@@ -68,7 +69,8 @@ def compose_document(
         "init": True,  # tini as PID 1: forwards SIGTERM, reaps the ServerApp processes superexec leaves behind
         "command": superlink_command(database=f"{STATE_MOUNT}/state.db"),
         "working_dir": f"{RUN_MOUNT}/outputs/superlink",
-        "environment": superlink_env(job, RUN_MOUNT, run_id or ""),
+        # the run's lease: a fleet whose driver died stops itself (the containers stay until `down`)
+        "environment": superlink_env(job, RUN_MOUNT, run_id or "") | {OWNER_LEASE_ENV: f"{RUN_MOUNT}/owner.lease"},
         "ports": [{"target": SUPERLINK_PORT, "host_ip": "127.0.0.1", "protocol": "tcp",
                    **({"published": str(host_port)} if host_port != 0 else {})}],
         "expose": [str(METRICS_PORT)],
@@ -94,7 +96,7 @@ def compose_document(
                 threads=device_threads(d.cpus, len(plan.devices)), trainer=app.builtin,
                 preload_app=None if app.builtin else f"{RUN_MOUNT}/app", record_dir=RUN_MOUNT),
             "working_dir": f"{RUN_MOUNT}/outputs/{d.name}",
-            "environment": dict(FLOWER_ENV),
+            "environment": FLOWER_ENV | {OWNER_LEASE_ENV: f"{RUN_MOUNT}/owner.lease"},
             "depends_on": {"superlink": {"condition": "service_healthy"}},
             "stop_grace_period": "5s",
             "labels": _labels(run_id, "device", d),

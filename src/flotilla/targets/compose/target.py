@@ -17,7 +17,7 @@ from flotilla.plan import Plan
 from flotilla.runs import RunRecord
 from flotilla.runtime.commands import METRICS_PORT, SUPERLINK_PORT
 from flotilla.targets.base import Federation, Target, TargetError
-from flotilla.targets.compose.engine import Compose, docker_root, engine_answers, project_containers
+from flotilla.targets.compose.engine import Compose, docker, docker_root, engine_answers, project_containers
 from flotilla.targets.compose.render import DEFAULT_HOST_PORT, RUN_MOUNT, project_name, write_project
 from flotilla.targets.containers import check_image, limits_applied, target_image
 
@@ -28,6 +28,7 @@ _STATE_MAP = {"running": "running", "created": "starting", "restarting": "starti
 class ComposeTarget(Target):
     name = "compose"
     devices_share_record = True
+    capabilities = frozenset({"restart", "faults"})
 
     def __init__(self, image: str | None = None, registry: str | None = None, insecure: bool = True) -> None:
         # insecure is accepted for CLI symmetry: this target runs one host's private network without TLS.
@@ -98,6 +99,57 @@ class ComposeTarget(Target):
         if c is None or c["State"]["Status"] not in ("exited", "dead"):
             return None
         return int(c["State"]["ExitCode"])
+
+    # -- health, recovery, faults (through the Docker engine) ----------------------------
+    def device_health(self, run: RunRecord, device: str):
+        """A paused container is a stopped device (the watchdog's hang rule); the rest the engine does not say."""
+        from flotilla.watchdog import Health
+
+        c = self._containers(run).get(device)
+        if c is None or c["State"]["Status"] not in ("running", "paused"):
+            return None
+        return Health(t=time.time(), stopped=c["State"]["Status"] == "paused")
+
+    def superlink_alive(self, run: RunRecord) -> bool | None:
+        c = self._containers(run, max_age=0.5).get("superlink")
+        return None if c is None else c["State"]["Status"] in ("running", "paused")
+
+    def stop_device(self, run: RunRecord, device: str) -> None:
+        c = self._containers(run, max_age=0).get(device)
+        if c is not None:
+            docker("unpause", c["Id"], check=False)
+            docker("kill", c["Id"], check=False)
+        self._ps_cache = None
+
+    def restart_device(self, plan: Plan, run: RunRecord, device: str) -> None:
+        c = self._containers(run, max_age=0).get(device)
+        if c is None:
+            raise TargetError(f"no container for device {device} in project {run.state().get('compose_project')}")
+        docker("unpause", c["Id"], check=False)
+        docker("restart", "-t", "2", c["Id"])
+        self._ps_cache = None
+
+    def inject(self, run: RunRecord, action: str, process: str) -> str:
+        """kill | pause | resume a device's or the SuperLink's container; the ServerApp inside the SuperLink's."""
+        containers = self._containers(run, max_age=0)
+        if process == "serverapp":
+            sl = containers.get("superlink")
+            try:
+                pid = int((run.dir / "serverapp.pid").read_text())
+            except (OSError, ValueError) as err:
+                raise TargetError(f"no ServerApp process to {action} ({err})") from None
+            if sl is None:
+                raise TargetError("no superlink container")
+            sig = {"kill": "SIGKILL", "pause": "SIGSTOP", "resume": "SIGCONT"}[action]
+            # the image's own Python (a minimal base image may have no `kill` binary)
+            docker("exec", sl["Id"], "python", "-c", f"import os, signal; os.kill({pid}, signal.{sig})")
+            return f"{action} serverapp (pid {pid} in the superlink container)"
+        c = containers.get(process)
+        if c is None:
+            raise TargetError(f"no container {process!r} in project {run.state().get('compose_project')}")
+        docker({"kill": "kill", "pause": "pause", "resume": "unpause"}[action], c["Id"])
+        self._ps_cache = None
+        return f"docker {action} {process} ({c['Name'].lstrip('/')})"
 
     # -- logs -----------------------------------------------------------------------
     def log_path(self, run: RunRecord, device: str | None) -> Path:

@@ -84,8 +84,7 @@ def memory_quantity(n: int) -> str:
 
 
 def class_gpus(cls: DeviceClass) -> int:
-    # `gpus` is not a DeviceClass field yet (the lead adds it); 0 until then.
-    return int(getattr(cls, "gpus", 0) or 0)
+    return int(cls.gpus or 0)
 
 
 def k8s_arch(arch: str) -> str:

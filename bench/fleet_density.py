@@ -1,0 +1,258 @@
+"""Fleet density: the example app on fleets of 10, 25, 50 and 100 real devices on this machine, in one run.
+
+Every device is its own processes under its own cgroup; the fleets share
+(`local: {shared: true}`) what devices have in common: one warm process per
+run that has imported flwr, the app and torch, which every device forks from.
+Per fleet size:
+  - idle phase (the target alone: up, quiet, down): time until every device is
+    connected and warm, CPU per idle device over IDLE_S (its cgroup, plus its
+    share of the SuperLink's), teardown time, anything left;
+  - run phase (`flotilla run`, policy none): start-up to round 1, each round's
+    wall time vs the slowest device's training time (the overhead is the
+    rest), final accuracy, peak memory used (MemTotal - MemAvailable, from the
+    kernel, above what was used before) and PSS per device (every process of
+    the run, from /proc/*/smaps_rollup, over the device count).
+The baseline is today's layout without sharing (every device its own Pythons)
+at the sizes it reaches. Goals at 100 devices: completes; <= 150 MB PSS per
+device; idle CPU <= 0.2 % of a core per device; start-up <= 30 s and teardown
+<= 5 s; round overhead within 2x of the 10-device overhead.
+
+    .venv/bin/python bench/fleet_density.py [--sizes 10,25,50,100] [--baseline-sizes 10,25] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import cgroups_of, processes_of  # noqa: E402
+
+CLASSES = [(0.05, "a"), (0.1, "b"), (0.15, "c"), (0.2, "d"), (0.25, "e")]  # the same spread of CPU quotas
+MEMORY = "512m"
+IDLE_S = 10.0
+
+
+def job_doc(n: int, shared: bool, rounds: int, runs_dir: Path) -> dict:
+    per = [n // len(CLASSES) + (1 if i < n % len(CLASSES) else 0) for i in range(len(CLASSES))]
+    return {
+        "name": f"density-{n}{'' if shared else '-base'}",
+        "rounds": rounds,
+        "data": {"dataset": "mnist-5k", "partition": {"kind": "iid", "seed": 42}},
+        "train": {"batch_size": 16, "lr": 0.05, "local_epochs": 1},
+        "strategy": {"min_devices": max(2, n // 2), "start_timeout_s": 900},
+        "heterogeneity": {"policy": "none"},
+        "devices": [{"name": name, "count": c, "cpus": cpus, "memory": MEMORY}
+                    for (cpus, name), c in zip(CLASSES, per) if c],
+        "local": {"shared": shared},
+        "runs_dir": str(runs_dir),
+    }
+
+
+def mem_used() -> int:
+    info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    kb = lambda k: int(info[k].split()[0]) * 1024  # noqa: E731
+    return kb("MemTotal") - kb("MemAvailable")
+
+
+def pss_of(run_dir: Path) -> int:
+    """PSS of every process of the run (its FLWR_HOME or its path on the command line), bytes."""
+    total = 0
+    for line in processes_of(run_dir):
+        pid = line.split(":", 1)[0]
+        try:
+            for row in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if row.startswith("Pss:"):
+                    total += int(row.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+class Sampler:
+    """Peak memory used and peak PSS of the run, sampled every half second."""
+
+    def __init__(self, run_dir_fn) -> None:
+        self.base = mem_used()
+        self.peak_used = self.peak_pss = 0
+        self._fn, self._stop = run_dir_fn, threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.5):
+            self.peak_used = max(self.peak_used, mem_used() - self.base)
+            d = self._fn()
+            if d is not None:
+                self.peak_pss = max(self.peak_pss, pss_of(d))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._t.join(5)
+
+
+def cpu_seconds(run, names: list[str]) -> float:
+    """CPU seconds used so far by the devices' cgroups (cpuacct / cpu.stat)."""
+    from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
+
+    total = 0.0
+    for name, cstate in run.state().get("cgroups", {}).items():
+        if name in names:
+            try:
+                total += DeviceCgroup.from_state(cstate).usage()["cpu_seconds"] or 0.0
+            except (CgroupError, OSError):
+                continue
+    return total
+
+
+def proc_cpu(pid: int) -> float:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_phase(n: int, shared: bool, work: Path) -> dict:
+    """The target alone: up, wait until connected and warm, IDLE_S quiet, down."""
+    from flotilla.driver import create_run
+    from flotilla.flower_control import FlowerControl
+    from flotilla.job import parse_job
+    from flotilla.plan import make_plan
+    from flotilla.runtime.lease import Lease
+    from flotilla.targets.local import LocalTarget
+
+    job = parse_job(job_doc(n, shared, 1, work / "idle-runs"))
+    plan = make_plan(job)
+    run = create_run(job, "local", work / "idle-runs")
+    target = LocalTarget()
+    names = [d.name for d in plan.devices]
+    out: dict = {}
+    with Lease(run.dir / "owner.lease"):
+        t0 = time.time()
+        try:
+            fed = target.up(plan, run)
+            ctl = FlowerControl(fed.control_address)
+            while True:
+                ready = sum((run.dir / "nodes" / f"{d}.ready").exists() for d in names)
+                if len(ctl.online_nodes()) >= n and ready >= n:
+                    break
+                if time.time() - t0 > 900:
+                    raise TimeoutError(f"{n} devices not up in 900 s")
+                time.sleep(0.25)
+            out["up_s"] = round(time.time() - t0, 2)
+            time.sleep(3)  # let the last start-up work settle
+            sl = run.state()["groups"]["superlink"]
+            c0, s0, t1 = cpu_seconds(run, names), proc_cpu(sl), time.time()
+            time.sleep(IDLE_S)
+            dt = time.time() - t1
+            out["idle_cpu_pct_per_device"] = round(100 * (cpu_seconds(run, names) - c0) / dt / n, 3)
+            out["superlink_idle_cpu_pct_per_device"] = round(100 * (proc_cpu(sl) - s0) / dt / n, 3)
+            ctl.close()
+        finally:
+            t2 = time.time()
+            target.down(run)
+            out["teardown_s"] = round(time.time() - t2, 2)
+    out["left_after_teardown"] = processes_of(run.dir) + cgroups_of(run.run_id)
+    return out
+
+
+def run_phase(n: int, shared: bool, rounds: int, work: Path) -> dict:
+    doc = job_doc(n, shared, rounds, work / "runs")
+    path = work / f"job-{n}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    runs = work / "runs"
+    sampler = Sampler(lambda: next((p for p in runs.glob("*") if (p / "state.json").exists()), None)
+                      if runs.exists() else None)
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "flotilla.cli", "run", str(path), "--json"],
+                         capture_output=True, text=True, timeout=3600)
+    sampler.stop()
+    out: dict = {"exit": res.returncode}
+    if not res.stdout.strip():
+        out["error"] = res.stderr.strip().splitlines()[-1:] or ["no output"]
+        return out
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    run_dir = runs / s["run_id"]
+    starts = [json.loads(x) for x in (run_dir / "round_starts.jsonl").read_text().splitlines()] \
+        if (run_dir / "round_starts.jsonl").exists() else []
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r.get("round", 0) >= 1]
+    walls = [r["wall_s"] for r in rows]
+    slowest = [max((d.get("train_s") or 0.0) for d in r["devices"]) if r["devices"] else 0.0 for r in rows]
+    out |= {
+        "status": s["status"], "rounds": len(rows), "final_accuracy": s["final_accuracy"],
+        "startup_to_round1_s": round(starts[0]["t_start"] - t0, 2) if starts else None,
+        "median_round_s": round(statistics.median(walls), 3) if walls else None,
+        "median_slowest_train_s": round(statistics.median(slowest), 3) if slowest else None,
+        "median_overhead_s": round(statistics.median([w - t for w, t in zip(walls, slowest)]), 3) if walls else None,
+        "peak_mem_used_mb": round(sampler.peak_used / 2**20),
+        "pss_mb_per_device": round(sampler.peak_pss / 2**20 / n, 1),
+        "devices_trained_last_round": sum(d.get("status") == "ok" for d in rows[-1]["devices"]) if rows else 0,
+        "left": processes_of(run_dir) + cgroups_of(s["run_id"]),
+        "error": s.get("error"),
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="10,25,50,100")
+    ap.add_argument("--baseline-sizes", default="10,25", help="today's layout (no sharing); '' to skip")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    sizes = [int(x) for x in args.sizes.split(",") if x]
+    base_sizes = [int(x) for x in args.baseline_sizes.split(",") if x]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="flotilla-density-") as tmp:
+        for shared, group in ((True, sizes), (False, base_sizes)):
+            for n in group:
+                work = Path(tmp) / f"{n}-{'shared' if shared else 'base'}"
+                work.mkdir()
+                print(f"{n} devices ({'shared' if shared else 'baseline'}): idle phase...", file=sys.stderr,
+                      flush=True)
+                row = {"devices": n, "layout": "shared" if shared else "baseline"}
+                try:
+                    row |= idle_phase(n, shared, work)
+                    print(f"{n} devices: run phase...", file=sys.stderr, flush=True)
+                    row |= run_phase(n, shared, args.rounds, work)
+                except Exception as err:  # noqa: BLE001 - a size that cannot run is a result too
+                    row["error"] = f"{type(err).__name__}: {err}"
+                results.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    cols = [("devices", 8), ("layout", 9), ("up_s", 7), ("startup_to_round1_s", 10), ("median_round_s", 9),
+            ("median_overhead_s", 10), ("pss_mb_per_device", 9), ("peak_mem_used_mb", 9),
+            ("idle_cpu_pct_per_device", 9), ("teardown_s", 9), ("final_accuracy", 9), ("status", 10)]
+    print("\n" + "".join(f"{c[:c_w - 1]:>{c_w}}" for c, c_w in cols))
+    for r in results:
+        print("".join(f"{str(r.get(c, '-'))[:w - 1]:>{w}}" for c, w in cols))
+    shared = [r for r in results if r["layout"] == "shared" and r.get("status") == "completed"]
+    top = max(shared, key=lambda r: r["devices"], default=None)
+    ten = next((r for r in shared if r["devices"] == 10), None)
+    out = {
+        "max_devices_completed": top["devices"] if top else 0,
+        "pss_mb_per_device": top.get("pss_mb_per_device") if top else None,
+        "idle_cpu_pct_per_device": top.get("idle_cpu_pct_per_device") if top else None,
+        "startup_s_at_max": top.get("startup_to_round1_s") if top else None,
+        "teardown_s_at_max": top.get("teardown_s") if top else None,
+        "overhead_ratio_max_vs_10": (round(top["median_overhead_s"] / ten["median_overhead_s"], 2)
+                                     if top and ten and ten.get("median_overhead_s") else None),
+        "sizes": results,
+    }
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Can this fleet run here? Checked where the CLI validates a job, before anything starts.
+
+- A spread of limits (flotilla.spread) gives each device its own value; targets that give a whole class
+  one set of limits (k8s: a StatefulSet per class; swarm: each class checked against its nodes) refuse it.
+- Target local: the fleet's memory must fit this machine. Every device's memory limit (its drawn value
+  for a spread) is summed; a device without a limit counts as what a device measurably needs at least
+  (UNLIMITED_DEVICE, or UNLIMITED_SHARED_DEVICE in a shared fleet); SERVER_HEADROOM is added for the
+  SuperLink and the ServerApp, and SHARED_RUNTIME for the shared fleet's warm process (its pages are
+  charged to it, not to the devices). The total must fit in what the machine has: MemAvailable
+  (/proc/meminfo), or what this process's cgroup still allows if that is less. Containers (compose, swarm,
+  k8s) are not checked: their engine may be another host, or a VM with memory of its own.
+  FLOTILLA_SKIP_MEMORY_CHECK=1 turns the check off (e.g. limits set high on purpose, well above use).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from flotilla.job import JobError, Job
+from flotilla.spread import Spread
+
+GiB = 1024**3
+MiB = 1024**2
+SERVER_HEADROOM = 1 * GiB  # the SuperLink and the ServerApp (model, central evaluation)
+# A device without a memory limit uses what it uses; it counts as what one measurably needs: a SuperNode,
+# its SuperExec, the warm ClientApp process and a running ClientApp (README, "What a device costs":
+# ~500 MB of PSS for the PyTorch quickstart app). In a shared fleet the imports are the zygote's pages.
+UNLIMITED_DEVICE = 512 * MiB
+UNLIMITED_SHARED_DEVICE = 128 * MiB
+SHARED_RUNTIME = 512 * MiB  # the shared fleet's warm process (flwr, the app, torch)
+SKIP_ENV = "FLOTILLA_SKIP_MEMORY_CHECK"
+PER_CLASS_TARGETS = {"k8s": "a class is one StatefulSet with one set of limits",
+                     "swarm": "each class's limits are checked against its nodes as one value"}
+
+
+def check_fleet(job: Job, target: str) -> None:
+    """Refuse (JobError, exit 2, one line) a fleet this target cannot run, or that cannot fit this machine."""
+    check_spreads(job, target)
+    if target == "local" and os.environ.get(SKIP_ENV, "") in ("", "0"):
+        check_memory_fits(job)
+
+
+def check_spreads(job: Job, target: str) -> None:
+    if target not in PER_CLASS_TARGETS:
+        return
+    for i, cls in enumerate(job.devices):
+        for field in ("cpus", "memory"):
+            if isinstance(getattr(cls, field), Spread):
+                raise JobError(f"devices[{i}].{field}: target {target!r} gives every device of a class the same "
+                               f"limits ({PER_CLASS_TARGETS[target]}); a spread runs on local or compose: "
+                               "give a number, or split the class into classes with one value each")
+
+
+def fleet_memory(job: Job) -> dict:
+    """What the fleet declares: total bytes (devices + headroom) and its parts."""
+    from flotilla.plan import make_plan
+
+    shared = job.local.shared
+    unlimited_each = UNLIMITED_SHARED_DEVICE if shared else UNLIMITED_DEVICE
+    by_class: dict[str, int] = {}
+    unlimited = 0
+    for d in make_plan(job).devices:
+        if d.memory is None:
+            unlimited += 1
+        by_class[d.device_class] = by_class.get(d.device_class, 0) + (d.memory or unlimited_each)
+    devices = sum(by_class.values())
+    headroom = SERVER_HEADROOM + (SHARED_RUNTIME if shared else 0)
+    return {"total": devices + headroom, "devices": devices, "headroom": headroom, "unlimited": unlimited,
+            "unlimited_each": unlimited_each, "by_class": by_class, "count": job.device_count}
+
+
+def check_memory_fits(job: Job) -> None:
+    have = machine_memory()
+    if have is None:  # not Linux, or /proc unreadable: nothing to compare with
+        return
+    available, source = have
+    need = fleet_memory(job)
+    if need["total"] <= available:
+        return
+    big = max(need["by_class"], key=need["by_class"].get)
+    idx = next(i for i, c in enumerate(job.devices) if c.name == big)
+    parts = [f"{_size(need['devices'] - need['unlimited'] * need['unlimited_each'])} of memory limits"]
+    if need["unlimited"]:
+        parts.append(f"{need['unlimited']} devices without a limit at {_size(need['unlimited_each'])} each")
+    parts.append(f"{_size(need['headroom'])} for the SuperLink and ServerApp"
+                 + (" and the shared runtime" if job.local.shared else ""))
+    shared = ("(with local.shared a limit counts only what a device adds to the shared runtime)" if job.local.shared
+              else "or local: {shared: true} (devices share the runtime's pages, ~5x less memory each; "
+              "then lower the limits)")
+    raise JobError(
+        f"devices: {need['count']} devices need {_size(need['total'])} ({', '.join(parts)}) but this machine has "
+        f"{_size(available)} available ({source}); use fewer devices, smaller memory limits (the largest class "
+        f"is devices[{idx}] {big!r}, {_size(need['by_class'][big])}) {shared}; {SKIP_ENV}=1 runs it anyway")
+
+
+def _size(n: int) -> str:
+    return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / MiB:.0f} MiB"
+
+
+# -- what this machine has ------------------------------------------------------------
+def machine_memory() -> tuple[int, str] | None:
+    """(bytes this process can still use, where that comes from), or None where it cannot be read."""
+    found = []
+    avail = _meminfo_available()
+    if avail is not None:
+        found.append((avail, "MemAvailable in /proc/meminfo"))
+    cg = _cgroup_headroom()
+    if cg is not None:
+        found.append(cg)
+    return min(found, key=lambda f: f[0]) if found else None
+
+
+def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
+    try:
+        for line in path.read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key == "MemAvailable":
+                return int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_headroom() -> tuple[int, str] | None:
+    """The least memory left under this process's cgroup and its ancestors' limits (limit - working set)."""
+    try:
+        from flotilla.sandbox.cgroups import detect_layout
+
+        layout, _ = detect_layout()
+    except Exception:  # noqa: BLE001 - no cgroups to read: no limit from them
+        return None
+    if layout is None:
+        return None
+    role = "memory" if layout.version == 1 else next(iter(layout.bases))
+    d, top = layout.bases.get(role), layout.mounts.get(role)
+    if d is None or top is None:
+        return None
+    best = None
+    while True:
+        left = _group_left(d, layout.version)
+        if left is not None and (best is None or left < best[0]):
+            best = (left, f"the memory limit of cgroup {d}")
+        if d == top or top not in d.parents:
+            break
+        d = d.parent
+    return best
+
+
+def _group_left(d: Path, version: int) -> int | None:
+    limit_f, usage_f, cache_key = (("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+                                   if version == 1 else ("memory.max", "memory.current", "inactive_file"))
+    try:
+        raw = (d / limit_f).read_text().strip()
+        if raw == "max" or int(raw) >= 2**62:
+            return None
+        usage = int((d / usage_f).read_text().strip())
+        stat = dict(line.split() for line in (d / "memory.stat").read_text().splitlines() if " " in line)
+        return max(0, int(raw) - usage + int(stat.get(cache_key, 0)))
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,204 @@
+"""One warm process per run that forks every device's processes: dense fleets share what they have in common.
+
+A device is a SuperNode, a SuperExec, ClientApp processes and, for the
+built-in app, a trainer. Started as fresh Pythons, each imports flwr (and
+the app: torch, scikit-learn) on its own: ~500 MB of PSS and seconds of CPU
+per device. In a shared fleet (job `local: {shared: true}`) the local target
+starts this zygote once; it imports all of that, warms torch up, freezes the
+GC (so the forks' reference counting does not unshare its pages), and then
+forks each device's agent on request. The agent forks its own processes from
+the same warm image (`spawn` below), so every device shares the zygote's
+read-only pages: imports, the app's code, torch.
+
+Each fork starts its own session (one signal ends a device's tree), enters
+the device's cgroup before running anything, and writes to its log. The
+device's memory limit then counts what the device itself uses beyond the
+shared pages (which are charged to the zygote).
+
+    request (one JSON line on the Unix socket): {"argv": [...], "env": {...}, "cwd": str,
+                                                 "log": str, "cgroup_procs": [paths]}
+    reply: {"pid": N}
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+ZYGOTE_ENV = "FLOTILLA_ZYGOTE"  # set in every process forked from a zygote
+EXITS_DIR_ENV = "FLOTILLA_EXITS_DIR"  # where the zygote writes each child's exit status (<pid>)
+
+# Everything a device's processes import; the app's own imports come with its ClientApp module.
+PRELOAD = [
+    "flwr.supernode.start_client_internal", "flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp",
+    "flwr.supercore.superexec.run_superexec", "flwr.supercore.cli", "flwr.supercore.tls",
+    "flwr.clientapp", "flwr.app",
+    "flotilla.runtime.device", "flotilla.runtime.supernode", "flotilla.runtime.superexec",
+    "flotilla.runtime.stamp", "flotilla.runtime.preload", "flotilla.runtime.engine_tuning",
+]
+
+
+def run_module(argv: list[str]) -> int:
+    """Run `python -m MODULE ARGS` (argv as a command line) in this process: the (already imported) module's
+    main(), as its `__main__` would; its exit code."""
+    import importlib
+
+    if len(argv) < 3 or argv[1] != "-m":
+        raise ValueError(f"zygote: can only run `python -m MODULE ...`, not {argv[:3]}")
+    sys.argv = [argv[2], *argv[3:]]
+    try:
+        code = importlib.import_module(argv[2]).main()
+    except SystemExit as e:
+        code = e.code
+    return code if isinstance(code, int) else (0 if code is None else 1)
+
+
+def fork_module(argv: list[str], env: dict, cwd: str | None = None, log: str | None = None,
+                cgroup_procs: list[str] | None = None, new_session: bool = True, pass_fds: tuple = ()) -> int:
+    """Fork this (warm) process to run `python -m MODULE ...`; returns the child's pid. The child enters its
+    cgroup first, then its session, log and environment, so nothing it does escapes the device's limits."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        for path in cgroup_procs or ():
+            with open(path, "w") as fh:
+                fh.write(str(os.getpid()))
+        if new_session:
+            os.setsid()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        if log:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+        _close_fds_but({0, 1, 2, *pass_fds})  # as subprocess does: the zygote's sockets are not the child's
+        if cwd:
+            os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env | {ZYGOTE_ENV: "1"})
+        code = run_module(argv)
+    except BaseException:  # noqa: BLE001 - a child never returns into the zygote's loop
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _close_fds_but(keep: set[int]) -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def warm(app_dir: str | None, builtin: bool) -> None:
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    if builtin:  # the built-in app's ClientApp, and its trainer's torch, model and data
+        for name in ("flotilla.app.client_app", "flotilla.app.trainer", "flotilla.app.task", "flotilla.data"):
+            importlib.import_module(name)
+        from flotilla.data.datasets import load_digits_28, load_mnist_5k
+
+        load_mnist_5k()
+        load_digits_28()
+    from flotilla.runtime import preload
+
+    if app_dir:
+        preload.preload(app_dir)  # the app's ClientApp module and its imports; torch warmed up when it has it
+    elif "torch" in sys.modules:
+        preload.warm_up_frameworks()
+    gc.collect()
+    gc.freeze()  # the forks' GC passes leave the zygote's objects (and so its pages) alone
+
+
+def serve(sock_path: str, exits_dir: Path) -> None:
+    exits_dir.mkdir(parents=True, exist_ok=True)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    if os.path.exists(sock_path):
+        os.unlink(sock_path)
+    srv.bind(sock_path)
+    srv.listen(64)
+    threading.Thread(target=_reap, args=(exits_dir,), daemon=True).start()
+    print(f"flotilla zygote: ready on {sock_path} (pid {os.getpid()})", flush=True)
+    while True:
+        conn, _ = srv.accept()
+        with conn:
+            try:
+                req = json.loads(conn.makefile().readline())
+                env = dict(req["env"]) | {EXITS_DIR_ENV: str(exits_dir)}
+                pid = fork_module(req["argv"], env, req.get("cwd"), req.get("log"), req.get("cgroup_procs"))
+                conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+            except Exception as err:  # noqa: BLE001 - one bad request must not end the zygote
+                conn.sendall((json.dumps({"error": f"{type(err).__name__}: {err}"}) + "\n").encode())
+
+
+def _reap(exits_dir: Path) -> None:
+    """Collect exited children; write each one's status where the target reads exit codes."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except ChildProcessError:
+            time.sleep(0.2)
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        try:
+            (exits_dir / str(pid)).write_text(str(code))
+        except OSError:
+            pass
+
+
+def request(sock_path: str, argv: list[str], env: dict, cwd: str, log: str, cgroup_procs: list[str]) -> int:
+    """Ask the zygote for a device process; returns its pid."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(sock_path)
+        s.sendall((json.dumps({"argv": argv, "env": env, "cwd": cwd, "log": log,
+                               "cgroup_procs": cgroup_procs}) + "\n").encode())
+        reply = json.loads(s.makefile().readline())
+    if "error" in reply:
+        raise RuntimeError(f"the run's zygote could not start the process: {reply['error']}")
+    return int(reply["pid"])
+
+
+def exit_code(exits_dir: Path, pid: int) -> int | None:
+    try:
+        return int((Path(exits_dir) / str(pid)).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Flotilla's per-run zygote: forks warm device processes")
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--exits", required=True)
+    ap.add_argument("--preload-app")
+    ap.add_argument("--builtin", action="store_true")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    warm(args.preload_app, args.builtin)
+    print(f"flotilla zygote: warm in {time.perf_counter() - t0:.1f} s", flush=True)
+    serve(args.socket, Path(args.exits))
+
+
+if __name__ == "__main__":
+    main()
