@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from flotilla.job import JobError, Job
+from flotilla.job import Job, JobError
 from flotilla.spread import Spread
 
 GiB = 1024**3

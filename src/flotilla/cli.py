@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from flotilla.capacity import check_fleet
 from flotilla.errors import EXIT_CODES, FlotillaError, UserError
@@ -153,9 +154,9 @@ def _print_result(summary: dict, rec, json_out: bool) -> None:
     err.print(f"[{color}]{summary['status']}[/{color}]: final {summary.get('accuracy_metric', 'accuracy')} {acc_s} "
               f"after {len(summary['rounds'])} rounds in {summary['wall_s']:.1f}s — record {rec.dir}", highlight=False)
     if summary.get("error"):
-        err.print(f"  {summary['error']}", highlight=False)
+        err.print(f"  {escape(str(summary['error']))}", highlight=False)
     for note in summary.get("notes", []):
-        err.print(f"  note: {note}", highlight=False)
+        err.print(f"  note: {escape(str(note))}", highlight=False)
     report = rec.dir / "report" / "index.html"
     if report.exists():
         err.print(f"  report: {report}", highlight=False)
@@ -260,7 +261,7 @@ def main() -> None:
     try:
         app()
     except FlotillaError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)

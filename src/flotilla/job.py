@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from flotilla.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from flotilla.spread import Spread, parse_limit, spread_json_schema
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 BUILTIN_APPS = ("mnist",)
 DATASETS = ("mnist-5k", "mnist", "digits")
@@ -109,14 +110,27 @@ class Placement(_Strict):
     tolerations: list[dict] = Field([], description="k8s: tolerations for the device pods.")
 
 
+MAX_CLASS_DEVICES = 1024
+
+
 class DeviceClass(_Strict):
     name: str
-    count: int = Field(1, ge=1, le=256)
-    cpus: float | None = Field(None, gt=0, le=1024, description="CPU quota; fractional allowed.")
-    memory: int | None = Field(None, description="Memory limit, e.g. 512m or 2g.")
+    count: int = Field(1, ge=1, le=MAX_CLASS_DEVICES)
+    cpus: float | Annotated[Spread, WithJsonSchema(spread_json_schema("cpus"))] | None = Field(
+        None, description="CPU quota; fractional allowed. Or a spread, drawn per device: {uniform: [0.1, 1.0]}, "
+        "{choice: [0.25, 0.5, 1.0], weights: [2, 1, 1]}, {lognormal: {median: 0.5, sigma: 0.6, min: 0.1, max: 2}}.")
+    memory: int | Annotated[Spread, WithJsonSchema(spread_json_schema("memory"))] | None = Field(
+        None, description="Memory limit, e.g. 512m or 2g. Or a spread of sizes, drawn per device: "
+        "{uniform: [512m, 2g]}, {choice: [512m, 1g]}, {lognormal: {median: 768m, sigma: 0.4, min: 256m, max: 4g}}.")
+    seed: int | None = Field(None, description="Seed of this class's spreads (default: the job's fleet_seed).")
     gpus: int = Field(0, ge=0, le=16, description="nvidia.com/gpu per device (k8s; swarm/compose: GPU runtime).")
     train: TrainOverride = TrainOverride()
     placement: Placement = Placement()
+
+    @field_validator("cpus", mode="before")
+    @classmethod
+    def _cpus(cls, v):
+        return parse_limit(v, "cpus")
 
     @field_validator("name")
     @classmethod
@@ -128,12 +142,7 @@ class DeviceClass(_Strict):
     @field_validator("memory", mode="before")
     @classmethod
     def _memory(cls, v):
-        if v is None:
-            return None
-        n = parse_memory(v)
-        if n < 64 * 1024**2:
-            raise ValueError("at least 64m: a Flower SuperNode alone needs more")
-        return n
+        return parse_limit(v, "memory", parse_memory)
 
 
 class ThrottleStep(_Strict):
@@ -215,6 +224,13 @@ class Fault(_Strict):
         return self.kill or self.pause or ""
 
 
+class LocalOptions(_Strict):
+    shared: bool = Field(
+        False, description="Devices fork from one warm process per run (flwr, the app and torch imported once) "
+        "and share its read-only memory: ~5x less memory per device and start-up in seconds for dense fleets. "
+        "A device's memory limit then counts what it uses beyond the shared pages.")
+
+
 AppConfigValue = bool | int | float | str
 
 
@@ -231,11 +247,14 @@ class Job(_Strict):
     train: Train = Train()
     heterogeneity: Heterogeneity = Heterogeneity()
     recovery: Recovery = Recovery()
+    local: LocalOptions = LocalOptions()
     faults: list[Fault] = Field([], description="Faults to inject (tests, demos): kill or pause a process.")
     devices: list[DeviceClass] = Field(min_length=1)
     target: Literal["local", "compose", "swarm", "k8s"] = "local"
     runs_dir: Path = Path("runs")
     seed: int = 0
+    fleet_seed: int = Field(0, description="Seed of the devices' spreads of limits (a class's cpus/memory drawn per "
+                            "device); the same job file always draws the same fleet.")
 
     @field_validator("name")
     @classmethod

@@ -23,6 +23,7 @@ from functools import cached_property
 from flotilla.appspec import ROUNDS_KEY, AppSpec
 from flotilla.contracts import BuiltinConfig
 from flotilla.job import Job, Placement
+from flotilla.spread import class_limits
 
 TRAIN_KEYS = {"batch_size": "batch-size", "lr": "lr", "local_epochs": "local-epochs", "momentum": "momentum"}
 
@@ -167,6 +168,7 @@ def make_plan(job: Job) -> Plan:
     devices: list[DevicePlan] = []
     for cls in job.devices:
         params = _train_for(job, cls)
+        cpus, memory = class_limits(job, cls)  # the class's values, or each device's draw from its spread
         for i in range(1, cls.count + 1):
             devices.append(
                 DevicePlan(
@@ -174,8 +176,8 @@ def make_plan(job: Job) -> Plan:
                     device_class=cls.name,
                     partition_id=len(devices),
                     num_partitions=total,
-                    cpus=cls.cpus,
-                    memory=cls.memory,
+                    cpus=cpus[i - 1],
+                    memory=memory[i - 1],
                     train=params,
                     placement=cls.placement,
                     train_keys=_train_keys(job, cls),

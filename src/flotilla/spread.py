@@ -39,8 +39,12 @@ MIN_CPUS = 0.01  # the kernel's smallest CFS quota: 1 ms per 100 ms period
 MAX_CPUS = 1024.0
 MIN_MEMORY = 64 * MiB  # a Flower SuperNode alone needs more
 KINDS = ("uniform", "choice", "lognormal")
-SYNTAX = ("{uniform: [low, high]}, {choice: [a, b, ...], weights: [...]} or "
-          "{lognormal: {median: m, sigma: s, min: lo, max: hi}}")
+# Examples, not placeholders: the CLI prints messages as rich markup, where "[low, high]" would vanish.
+SYNTAX = {"cpus": "{uniform: [0.1, 1.0]}, {choice: [0.25, 0.5, 1.0], weights: [2, 1, 1]} or "
+                  "{lognormal: {median: 0.5, sigma: 0.6, min: 0.1, max: 2.0}}",
+          "memory": "{uniform: [512m, 2g]}, {choice: [512m, 1g], weights: [3, 1]} or "
+                    "{lognormal: {median: 768m, sigma: 0.4, min: 256m, max: 4g}}"}
+EXAMPLE = {"cpus": "[0.1, 1.0]", "memory": "[512m, 2g]"}
 
 
 class Spread(BaseModel):
@@ -142,8 +146,8 @@ def parse_limit(v, unit: Literal["cpus", "memory"], size: Callable[[object], int
     """A class's `cpus` / `memory` as written -> a number (bytes for memory), a Spread, or None.
 
     Raises ValueError with a one-line message (pydantic prefixes the field: `devices[1].cpus: ...`)."""
-    if v is None:
-        return None
+    if v is None or (isinstance(v, Spread) and v.unit == unit):  # None, or one already parsed (code, copies)
+        return v
     if not isinstance(v, dict):
         return _plain(v, unit, size)
     kinds = [k for k in KINDS if k in v]
@@ -153,18 +157,20 @@ def parse_limit(v, unit: Literal["cpus", "memory"], size: Callable[[object], int
             what = f"unknown key {extra[0]!r}"
         else:
             what = f"give one distribution, not {' and '.join(kinds)}" if kinds else "no distribution given"
-        raise ValueError(f"{what}; a spread is {SYNTAX}")
+        raise ValueError(f"{what}; a spread is one of {SYNTAX[unit]}")
     kind = kinds[0]
     if "weights" in v and kind != "choice":
         raise ValueError(f"weights go with choice, not {kind}")
     value = _value_parser(unit, size)
     if kind == "uniform":
         pair = v["uniform"]
+        bad = (f"uniform needs two bounds, low and high with 0 < low <= high (e.g. {{uniform: {EXAMPLE[unit]}}}), "
+               f"got {pair!r}")
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-            raise ValueError(f"uniform needs [low, high] with 0 < low <= high, got {pair!r}")
+            raise ValueError(bad)
         low, high = (value(x, "uniform") for x in pair)
         if not 0 < low <= high:
-            raise ValueError(f"uniform needs [low, high] with 0 < low <= high, got {pair!r}")
+            raise ValueError(bad)
         _in_range((low, high), unit, "uniform")
         return Spread(kind="uniform", unit=unit, values=(low, high))
     if kind == "choice":
@@ -233,11 +239,11 @@ def _plain(v, unit: str, size):
             raise ValueError("at least 64m: a Flower SuperNode alone needs more")
         return n
     if isinstance(v, bool):
-        raise ValueError(f"{v!r} is not a number of CPUs; give a number or a spread ({SYNTAX})")
+        raise ValueError(f"{v!r} is not a number of CPUs; give a number or a spread: {SYNTAX['cpus']}")
     try:
         x = float(v)
     except (TypeError, ValueError):
-        raise ValueError(f"{v!r} is not a number of CPUs; give a number or a spread ({SYNTAX})") from None
+        raise ValueError(f"{v!r} is not a number of CPUs; give a number or a spread: {SYNTAX['cpus']}") from None
     if not 0 < x <= MAX_CPUS:
         raise ValueError(f"must be > 0 and at most {MAX_CPUS:g} (a CPU quota; fractional allowed)")
     return x
@@ -271,4 +277,4 @@ def spread_json_schema(unit: str) -> dict:
                                       "required": ["median", "sigma"],
                                       "properties": {"median": value, "sigma": {"type": "number", "minimum": 0},
                                                      "min": value, "max": value}}}},
-    ], "description": f"A spread drawn per device: {SYNTAX}."}
+    ], "description": f"A spread drawn per device: {SYNTAX[unit]}."}

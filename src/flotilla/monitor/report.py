@@ -1,8 +1,16 @@
 """Self-contained HTML report of a run: runs/<id>/report/index.html plus PNG plots.
 
-Reads only the run record (metrics.jsonl, summary.json, state.json,
+Reads only the run record (metrics.jsonl, summary.json, state.json, plan.json,
 devices.jsonl, usage.jsonl), so it works for every target and for runs that
 failed or never finished a round.
+
+Up to DENSE devices (flotilla.classes) the plots draw a line or a row per
+device. A dense fleet gets plots that stay legible at hundreds of devices: a
+device x round heatmap (train seconds, or what kept a device out of a round),
+per-class distributions of train seconds and throughput, throughput against
+each device's CPU limit, and each class's total CPU and memory over time; and
+a table per class. The device table lists lost devices first, then the
+slowest.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ import math
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
+from statistics import fmean
 
+from flotilla.classes import DENSE, class_summary, fmt_cpus, fmt_mem, span, worst_first
 from flotilla.runs import read_jsonl
 
 REPORT_DIR = "report"
@@ -32,6 +42,10 @@ class _Device:
     wait_s: float = 0.0
     samples: int = 0
     per_round: dict[int, dict] = field(default_factory=dict)
+    cpus: float | None = None  # its limits as planned (a spread's draw)
+    memory: int | None = None
+    lost: str | None = None  # 'lost' / 'down' at the end of the record
+    why: str = ""
 
     @property
     def throughput(self) -> float | None:
@@ -59,6 +73,10 @@ def _load(run_dir: Path):
     summary = _read_json(run_dir / "summary.json")
     state = _read_json(run_dir / "state.json")
     devices: dict[str, _Device] = {}
+    for d in _read_json(run_dir / "plan.json").get("devices") or []:
+        if isinstance(d, dict) and d.get("name"):
+            devices[str(d["name"])] = _Device(str(d["name"]), str(d.get("device_class") or "unknown"),
+                                              cpus=_num(d.get("cpus")), memory=_num(d.get("memory")))
     for rep in read_jsonl(run_dir / "devices.jsonl"):
         if rep.get("name"):
             devices.setdefault(str(rep["name"]), _Device(str(rep["name"]), str(rep.get("class") or "unknown")))
@@ -77,6 +95,14 @@ def _load(run_dir: Path):
             dev.samples += int(_num(d.get("samples")) or 0)
             if round_s is not None:
                 dev.wait_s += max(0.0, round_s - train)
+    # A finished run's summary names every device it ended without; a running one's state tells lost
+    # (for good) from down (being restarted).
+    reasons = summary.get("lost_reasons") or state.get("lost_reasons") or {}
+    lost = set(summary.get("lost_devices") or []) if summary else set(state.get("lost_devices") or [])
+    down = set() if summary else set(state.get("down_devices") or [])
+    for name, dev in devices.items():
+        if name in lost or name in down:
+            dev.lost, dev.why = ("lost" if name in lost else "down"), str(reasons.get(name) or "")
     usage = [u for u in read_jsonl(run_dir / "usage.jsonl") if u.get("device") and _num(u.get("t")) is not None]
     starts = [_num(r.get("t_start")) for r in rounds] + [_num(u["t"]) for u in usage]
     t0 = _num(summary.get("started")) or _num(state.get("created")) or min((t for t in starts if t), default=None)
@@ -186,7 +212,7 @@ def _plot_timeline(path: Path, rounds: list[dict], devices: list[_Device], t0: f
 def _class_colors(classes: list[str]) -> dict[str, tuple]:
     from matplotlib import colormaps
 
-    cmap = colormaps["Set2"]
+    cmap = colormaps["Set2"] if len(classes) <= 8 else colormaps["tab20"]  # Set2 has 8 colours
     return {c: cmap(i % cmap.N) for i, c in enumerate(classes)}
 
 
@@ -248,6 +274,244 @@ def _plot_usage(path: Path, usage: list[dict], devices: list[_Device], t0: float
     fig.savefig(path)
 
 
+# -- dense fleets: per class, and a row of pixels per device ------------------------
+# What kept a device out of a round, in the heatmap (a trained cell shows its train seconds).
+_CELL_KINDS = [("absent", "#cfcfcf"), ("late", "#ff7f0e"), ("busy / async", "#c7c7ff"), ("failed", "#9467bd"),
+               ("lost", MISSING_COLOR), ("idle", "#bdbdbd")]
+_CELL_OF = {"late": 1, "busy": 2, "async": 2, "failed": 3, "lost": 4, "idle": 5}
+
+
+def _by_class(devices: list[_Device]) -> dict[str, list[_Device]]:
+    out: dict[str, list[_Device]] = {}
+    for d in devices:
+        out.setdefault(d.cls, []).append(d)
+    return out
+
+
+def _mean_train(dev: _Device) -> float:
+    return dev.train_s / dev.rounds if dev.rounds else float("inf")  # never trained: the slowest
+
+
+def _plot_heatmap(path: Path, rounds: list[dict], devices: list[_Device]) -> None:
+    """Device x round: train seconds where a device trained, else why not; grouped by class, slowest on top."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap, LogNorm
+    from matplotlib.patches import Patch
+
+    training = [r["round"] for r in rounds if r["round"] > 0]
+    groups = _by_class(devices)
+    rows = [d for cls in groups for d in sorted(groups[cls], key=lambda d: (-_mean_train(d), d.name))]
+    vals = np.full((len(rows), len(training)), np.nan)
+    kinds = np.full((len(rows), len(training)), -1)
+    for i, dev in enumerate(rows):
+        for j, n in enumerate(training):
+            d = dev.per_round.get(n)
+            status = "absent" if d is None else str(d.get("status", "ok"))
+            if status in TRAINED or status == "stale":
+                vals[i, j] = _num(d.get("train_s")) or 0.0
+            else:
+                kinds[i, j] = _CELL_OF.get(status, 0)
+    n = len(rows)
+    h = 1.7 + min(10.0, 0.05 * n + 1.0)
+    fig = _new_figure(10, h)
+    fig.subplots_adjust(left=0.14, right=0.9, top=1 - 0.45 / h, bottom=1.0 / h)
+    ax = fig.add_subplot()
+    extent = (-0.5, len(training) - 0.5, n - 0.5, -0.5)
+    positive = vals[np.isfinite(vals) & (vals > 0)]
+    # log scale: a dense fleet's train seconds span orders of magnitude, a linear one shows only its slowest
+    norm = (LogNorm(vmin=float(positive.min()), vmax=float(positive.max()))
+            if positive.size and positive.max() > 1.5 * positive.min() else None)
+    im = ax.imshow(np.ma.masked_invalid(np.where(vals > 0, vals, np.nan) if norm else vals), aspect="auto",
+                   interpolation="nearest", cmap="viridis", norm=norm, extent=extent)
+    ax.imshow(np.ma.masked_less(kinds, 0), aspect="auto", interpolation="nearest", extent=extent,
+              cmap=ListedColormap([c for _, c in _CELL_KINDS]), vmin=-0.5, vmax=len(_CELL_KINDS) - 0.5)
+    cbar = fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02)
+    cbar.set_label("train seconds" + (" (log scale)" if norm else ""), fontsize=8)
+    edges, centers, start = [], [], 0
+    for cls in groups:
+        size = len(groups[cls])
+        centers.append(start + (size - 1) / 2)
+        start += size
+        edges.append(start - 0.5)
+    ax.hlines(edges[:-1], -0.5, len(training) - 0.5, colors="white", lw=1.5)
+    if n <= 60:  # a name per row is still readable
+        ax.set_yticks(range(n), [d.name for d in rows], fontsize=5.5)
+    else:
+        ax.set_yticks(centers, [f"{cls} ({len(groups[cls])})" for cls in groups], fontsize=8)
+    step = max(1, len(training) // 20)
+    ax.set_xticks(range(0, len(training), step), [str(training[j]) for j in range(0, len(training), step)],
+                  fontsize=7)
+    ax.set_xlabel("round")
+    ax.set_title(f"Every device in every round ({n} devices; by class, slowest on top)", fontsize=10)
+    seen = sorted(set(kinds[kinds >= 0].tolist()))
+    if seen:
+        fig.legend(handles=[Patch(color=_CELL_KINDS[k][1], label=_CELL_KINDS[k][0]) for k in seen],
+                   loc="lower center", ncols=len(seen), fontsize=8, frameon=False)
+    fig.savefig(path)
+
+
+def _percentiles(values: list[float]) -> tuple[float, float, float]:
+    import numpy as np
+
+    p10, p50, p90 = np.percentile(values, [10, 50, 90])
+    return float(p10), float(p50), float(p90)
+
+
+def _plot_classes(path: Path, rounds: list[dict], devices: list[_Device]) -> None:
+    """Per class: train seconds per round (median, 10th-90th percentile band) and each device's throughput."""
+    import numpy as np
+
+    groups = _by_class(devices)
+    colors = _class_colors(list(groups))
+    fig = _new_figure(10, 4.0)
+    fig.subplots_adjust(left=0.07, right=0.98, wspace=0.22, top=0.9, bottom=0.2)
+    ax_t, ax_s = fig.subplots(1, 2)
+    numbers = [r["round"] for r in rounds if r["round"] > 0]
+    for cls, members in groups.items():
+        xs, lo, mid, hi = [], [], [], []
+        for n in numbers:
+            ts = [_num(d.per_round[n].get("train_s")) for d in members if n in d.per_round
+                  and d.per_round[n].get("status", "ok") in TRAINED]
+            ts = [t for t in ts if t is not None]
+            if ts:
+                a, b, c = _percentiles(ts)
+                xs.append(n), lo.append(a), mid.append(b), hi.append(c)
+        ax_t.plot(xs, mid, "o-", ms=3, color=colors[cls], label=f"{cls} ({len(members)})")
+        ax_t.fill_between(xs, lo, hi, color=colors[cls], alpha=0.25, lw=0)
+    ax_t.set(title="Train seconds per round (median, 10th-90th percentile)", xlabel="round", ylabel="seconds")
+    ax_t.title.set_fontsize(9)
+    ax_t.grid(alpha=0.3)
+    _wide_scale(ax_t, [d.per_round[n].get("train_s") for d in devices for n in d.per_round])
+    ax_t.xaxis.get_major_locator().set_params(integer=True)
+    ax_t.legend(fontsize=7, ncols=2 if len(groups) > 4 else 1, loc="best", framealpha=0.8)
+    rng = np.random.default_rng(0)  # jitter only: the same report every time
+    data, labels = [], []
+    for k, (cls, members) in enumerate(groups.items()):
+        tps = [d.throughput for d in members if d.throughput is not None]
+        data.append(tps or [float("nan")])
+        labels.append(f"{cls}\n(n={len(members)})")
+        x = k + 1 + rng.uniform(-0.18, 0.18, len(tps))
+        ax_s.scatter(x, tps, s=8, color=colors[cls], alpha=0.8, lw=0, zorder=3)
+        lost = [d for d in members if d.lost and d.throughput]
+        if lost:
+            ax_s.scatter([k + 1] * len(lost), [d.throughput for d in lost], marker="x", s=25,
+                         color=MISSING_COLOR, zorder=4, label="lost / down" if not ax_s.get_legend_handles_labels()[0]
+                         else None)
+    ax_s.boxplot(data, widths=0.5, showfliers=False, medianprops={"color": "black"})
+    ax_s.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
+    ax_s.set(title="Throughput of each device, by class", ylabel="samples / s")
+    ax_s.title.set_fontsize(9)
+    ax_s.grid(axis="y", alpha=0.3)
+    _wide_scale(ax_s, [d.throughput for d in devices])
+    if ax_s.get_legend_handles_labels()[0]:
+        ax_s.legend(fontsize=7, frameon=False)
+    fig.savefig(path)
+
+
+def _wide_scale(ax, values) -> None:
+    """A log y axis where values span more than 20x (a dense fleet's slowest and fastest), else from 0."""
+    vs = [v for v in (_num(x) for x in values) if v is not None and v > 0]
+    if vs and max(vs) > 20 * min(vs):
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+
+
+def _plot_limits(path: Path, devices: list[_Device]) -> None:
+    """Each device's measured throughput against its CPU limit (a spread of limits shows as a cloud)."""
+    groups = _by_class(devices)
+    colors = _class_colors(list(groups))
+    fig = _new_figure(8, 3.8)
+    fig.subplots_adjust(left=0.09, right=0.78, top=0.9, bottom=0.14)
+    ax = fig.add_subplot()
+    for cls, members in groups.items():
+        pts = [(d.cpus, d.throughput) for d in members if d.cpus is not None and d.throughput is not None]
+        ax.scatter([x for x, _ in pts], [y for _, y in pts], s=12, color=colors[cls], alpha=0.85, lw=0,
+                   label=f"{cls} ({len(members)})")
+    lost = [d for d in devices if d.lost and d.cpus is not None and d.throughput]
+    if lost:
+        ax.scatter([d.cpus for d in lost], [d.throughput for d in lost], marker="x", s=25,
+                   color=MISSING_COLOR, label="lost / down")
+    ax.set(title="Throughput against each device's CPU limit", xlabel="cpus (limit)", ylabel="samples / s")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+    cpus = [d.cpus for d in devices if d.cpus is not None and d.throughput is not None]
+    if max(cpus) > 20 * min(cpus):
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(left=0)
+    _wide_scale(ax, [d.throughput for d in devices])
+    fig.legend(loc="upper left", bbox_to_anchor=(0.79, 0.9), fontsize=8, frameon=False)
+    fig.savefig(path)
+
+
+def _or_nan(v) -> float:
+    x = _num(v)
+    return float("nan") if x is None else x
+
+
+def _plot_usage_by_class(path: Path, usage: list[dict], devices: list[_Device], t0: float) -> None:
+    """Each class's total CPU cores and memory over time (and the fleet's), in time bins: per bin, the sum over
+    a class's devices of each device's mean in that bin."""
+    import numpy as np
+
+    cls_of = {d.name: d.cls for d in devices}
+    by_device: dict[str, list[dict]] = {}
+    for u in usage:
+        by_device.setdefault(str(u["device"]), []).append(u)
+    nan = float("nan")
+    per_device = []  # (class, t, cores, memory bytes): arrays, one value per sample after the first
+    for name, samples in by_device.items():
+        samples.sort(key=lambda u: u["t"])
+        t = np.array([u["t"] for u in samples], dtype=float) - t0
+        cpu = np.array([_or_nan(u.get("cpu_seconds_total")) for u in samples], dtype=float)
+        mem = np.array([_or_nan(u.get("memory_bytes")) for u in samples], dtype=float)
+        if len(t) < 2:
+            continue
+        dt, dc = np.diff(t), np.diff(cpu)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cores = np.where((dt > 0) & (dc >= 0), dc / dt, nan)  # a drop: the process restarted
+        per_device.append((cls_of.get(name, "unknown"), t[1:], cores, mem[1:], dt))
+    if not per_device:
+        return
+    lo = min(float(t.min()) for _, t, *_ in per_device)
+    hi = max(float(t.max()) for _, t, *_ in per_device)
+    gaps = np.concatenate([dt[dt > 0] for *_, dt in per_device])
+    width = max(1.5 * float(np.median(gaps)) if gaps.size else 1.0, (hi - lo) / 300 or 1.0)
+    nbins = int((hi - lo) / width) + 1
+    classes = list(_by_class(devices)) + sorted({c for c, *_ in per_device} - {d.cls for d in devices})
+    totals = {c: [np.zeros(nbins), np.zeros(nbins), np.zeros(nbins, dtype=bool)] for c in classes}
+    for cls, t, cores, mem, _ in per_device:
+        k = ((t - lo) / width).astype(int)
+        for slot, v in ((0, cores), (1, mem)):
+            ok = np.isfinite(v)
+            n = np.bincount(k[ok], minlength=nbins)
+            sums = np.bincount(k[ok], weights=v[ok], minlength=nbins)
+            seen = n > 0
+            totals[cls][slot][seen] += sums[seen] / n[seen]
+            totals[cls][2] |= seen
+    fig = _new_figure(10, 3.8)
+    fig.subplots_adjust(left=0.06, right=0.82, wspace=0.25, top=0.9, bottom=0.14)
+    ax_c, ax_m = fig.subplots(1, 2)
+    colors = _class_colors(classes)
+    xs = lo + width * (np.arange(nbins) + 0.5)
+    drawn = [c for c in classes if totals[c][2].any()]
+    for cls in drawn:
+        c, m, seen = totals[cls]
+        ax_c.plot(xs, np.where(seen, c, nan), color=colors[cls], lw=1.2, label=cls)
+        ax_m.plot(xs, np.where(seen, m / 2**30, nan), color=colors[cls], lw=1.2)
+    if len(drawn) > 1:
+        ax_c.plot(xs, sum(totals[c][0] for c in drawn), color="black", lw=1, ls="--", label="fleet")
+        ax_m.plot(xs, sum(totals[c][1] for c in drawn) / 2**30, color="black", lw=1, ls="--")
+    ax_c.set(title="CPU used by each class", xlabel="seconds since run start", ylabel="cores")
+    ax_m.set(title="Memory used by each class", xlabel="seconds since run start", ylabel="GiB")
+    for ax in (ax_c, ax_m):
+        ax.grid(alpha=0.3)
+        ax.set_ylim(bottom=0)
+    fig.legend(loc="upper left", bbox_to_anchor=(0.83, 0.9), fontsize=8, frameon=False)
+    fig.savefig(path)
+
+
 # -- HTML -----------------------------------------------------------------------
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1060px;
@@ -281,6 +545,17 @@ def _fmt(v, digits: int = 2, pct: bool = False) -> str:
     return f"{v * 100:.{digits}f}%" if pct else f"{v:,.{digits}f}"
 
 
+def _as_status_row(d: _Device) -> dict:
+    return {"name": d.name, "class": d.cls, "cpus": d.cpus, "memory": d.memory, "throughput_sps": d.throughput,
+            "train_s": d.train_s, "lost": d.lost == "lost", "down": d.lost == "down"}
+
+
+def _worst_first(devices: list[_Device]) -> list[_Device]:
+    """Lost and down devices, then the slowest (lowest throughput; never trained first)."""
+    by_name = {d.name: d for d in devices}
+    return [by_name[r["name"]] for r in worst_first([_as_status_row(d) for d in devices], len(devices))]
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
@@ -311,17 +586,37 @@ def write_report(run_dir: str | Path) -> Path:
         _plot_accuracy(out / "accuracy_loss.png", rounds, t0)
         figures.append(("accuracy_loss.png", "Accuracy and loss of the global model against seconds since start",
                         "Accuracy (left axis) and loss (right axis) of the global model; one marker per round."))
-    if training and devices and t0 is not None:
+    dense = len(devices) > DENSE
+    if training and devices and t0 is not None and not dense:
         _plot_timeline(out / "timeline.png", rounds, devices, t0)
         figures.append(("timeline.png", "Per-device timeline of training and waiting in every round",
                         "Each row is a device; coloured: training, grey: waiting for the rest of the round."))
         _plot_training(out / "training.png", rounds, devices)
         figures.append(("training.png", "Per-device train seconds and throughput per round",
                         "Train seconds and samples per second of each device, per round."))
-    if usage and t0 is not None:
+    if training and dense:
+        _plot_heatmap(out / "rounds_heatmap.png", rounds, devices)
+        figures.append(("rounds_heatmap.png", "Heatmap of every device in every round: train seconds or why not",
+                        "A row per device (grouped by class, slowest first), a column per round: its train "
+                        "seconds, or what kept it out of the round."))
+        _plot_classes(out / "classes.png", rounds, devices)
+        figures.append(("classes.png", "Per-class train seconds per round and per-device throughput by class",
+                        "Left: each class's median train seconds per round, the band its 10th-90th percentile. "
+                        "Right: each device's throughput (a dot), by class."))
+        if len({d.cpus for d in devices if d.cpus is not None and d.throughput is not None}) > 1:
+            _plot_limits(out / "limits.png", devices)
+            figures.append(("limits.png", "Each device's throughput against its CPU limit",
+                            "A dot per device: its measured throughput against its CPU limit (lost: x)."))
+    if usage and t0 is not None and not dense:
         _plot_usage(out / "usage.png", usage, devices, t0)
         figures.append(("usage.png", "CPU cores and memory used per device over time",
                         "CPU (cores) and resident memory of each device's processes over time."))
+    if usage and t0 is not None and dense:
+        _plot_usage_by_class(out / "usage_by_class.png", usage, devices, t0)
+        if (out / "usage_by_class.png").exists():
+            figures.append(("usage_by_class.png", "Total CPU cores and memory used by each class over time",
+                            "CPU (cores) and resident memory of each class's devices together (dashed: the "
+                            "fleet), over time."))
 
     notices = []
     if status == "failed":
@@ -342,7 +637,20 @@ def write_report(run_dir: str | Path) -> Path:
             f"{slowest['name']} ({_fmt(slowest.get('train_s'))} s)" if slowest else "–",
         ])
     device_rows = [[d.name, d.cls, str(d.rounds), _fmt(d.train_s), _fmt(d.wait_s), f"{d.samples:,}",
-                    _fmt(d.throughput, 1)] for d in devices]
+                    _fmt(d.throughput, 1), fmt_cpus(d.cpus) if d.cpus is not None else "–",
+                    fmt_mem(d.memory) if d.memory is not None else "–",
+                    f"{d.lost}: {d.why}" if d.lost and d.why else d.lost or ""] for d in _worst_first(devices)]
+    class_rows = []
+    if dense:
+        waits = _by_class(devices)
+        for c in class_summary([_as_status_row(d) for d in devices]):
+            members = waits[c["class"]]
+            class_rows.append([
+                c["class"], str(c["devices"]), str(c["lost"] + c["down"]), span(c["cpus_min"], c["cpus_max"], fmt_cpus),
+                span(c["memory_min"], c["memory_max"], fmt_mem), _fmt(c["throughput_mean_sps"], 1),
+                _fmt(c["throughput_median_sps"], 1),
+                f"{c['slowest_device']} ({_fmt(c['throughput_min_sps'], 1)})" if c["slowest_device"] else "–",
+                _fmt(c["train_s_total"]), _fmt(fmean([d.wait_s for d in members]))])
     wall = _num(summary.get("wall_s"))
     meta = [f"Run <code>{html.escape(str(run_id))}</code>",
             f'status <strong class="status-{html.escape(status)}">{html.escape(status)}</strong>',
@@ -366,8 +674,15 @@ def write_report(run_dir: str | Path) -> Path:
     parts.append("<h2>Rounds</h2>")
     parts.append(_table(["Round", "Accuracy", "Loss", "Wall s", "Devices", "Failures", "Slowest device"], round_rows)
                  if round_rows else "<p>No rounds recorded.</p>")
+    if class_rows:
+        parts.append("<h2>Classes</h2>")
+        parts.append(_table(["Class", "Devices", "Lost", "CPUs", "Memory", "Samples/s mean", "Median", "Slowest",
+                             "Train s", "Waiting s (mean)"], class_rows))
     parts.append("<h2>Devices</h2>")
-    parts.append(_table(["Device", "Class", "Rounds", "Train s", "Waiting s", "Samples", "Samples/s"], device_rows)
+    if device_rows and dense:
+        parts.append("<p>Lost devices first, then the slowest.</p>")
+    parts.append(_table(["Device", "Class", "Rounds", "Train s", "Waiting s", "Samples", "Samples/s", "CPUs",
+                         "Memory", "Lost"], device_rows)
                  if device_rows else "<p>No devices reported.</p>")
     parts.append("</body></html>")
     index = out / "index.html"

@@ -31,6 +31,9 @@ from flotilla.runtime.supernode import DEVICE_CLASS_ENV, DEVICE_ENV, NODE_FILE_E
 from flotilla.runtime.zygote import ZYGOTE_ENV
 
 
+AGENT_POLL_S = 0.5  # how often the agent looks at its children and its owner's lease
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run one Flotilla device: a Flower SuperNode (+ the built-in trainer)")
     ap.add_argument("--name", required=True)
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"flotilla device {args.name}: {what} exited with code {c.returncode}", file=sys.stderr,
                           flush=True)
                     return c.returncode or 1
-            time.sleep(0.2)
+            time.sleep(AGENT_POLL_S)
         return 0
     finally:
         _end([c for _, c in children])

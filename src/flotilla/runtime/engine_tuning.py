@@ -41,7 +41,8 @@ PULL_MAX_TRIES = 7200
 
 LOCAL_CHECK_S = 0.02  # the SuperNode's in-process checks (flwr: 0.5 s)
 LOCAL_CHECK_BELOW_S = 1.0  # flwr's in-process waits are 0.5 s; its network poll waits 3 s
-WAKE_FALLBACK_S = 3.0  # a SuperExec woken on each new task still polls this often (a missed wake-up)
+WAKE_FALLBACK_S = 10.0  # a SuperExec woken on each new task still polls this often (a missed wake-up)
+UVICORN_TICK_S = 1.0  # uvicorn's housekeeping tick (its default 0.1 s: ten wake-ups a second per idle server)
 WAKE_FD_ENV = "FLOTILLA_TASK_WAKE_FD"
 
 
@@ -129,7 +130,7 @@ def wake_on_messages(idle_s: float | None = None):
     returns the socket's port (for the node file) or None where the loop is not found."""
     import socket
 
-    idle_s = float(os.environ.get(IDLE_POLL_ENV, "3.0")) if idle_s is None else idle_s
+    idle_s = float(os.environ.get(IDLE_POLL_ENV, "10.0")) if idle_s is None else idle_s
     try:
         import flwr.supernode.start_client_internal as sci
     except ImportError:
@@ -234,4 +235,34 @@ def superexec_waits_for_wakeups() -> bool:
     if getattr(rs, "time", None) is not _time:
         return isinstance(getattr(rs, "time", None), WakeableTime)
     rs.time = WakeableTime(int(fd))
+    return True
+
+
+def slower_uvicorn_tick(tick_s: float = UVICORN_TICK_S) -> bool:
+    """uvicorn wakes its event loop every 0.1 s for housekeeping (the Date header, max-requests, shutdown); an
+    idle SuperNode's runtime API server spent most of its idle CPU there. Once a second does the same work
+    (the header is refreshed once a second anyway); a shutdown then takes up to tick_s longer."""
+    import asyncio
+
+    try:
+        import uvicorn.server as us
+    except ImportError:
+        return False
+    server = getattr(us, "Server", None)
+    if server is None or not hasattr(server, "main_loop") or not hasattr(server, "on_tick"):
+        return False
+    if getattr(server.main_loop, "_flotilla", False):
+        return True
+    steps = max(1, round(tick_s / 0.1))
+
+    async def main_loop(self) -> None:
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + steps) % 864000  # on_tick does its once-a-second work when counter % 10 == 0
+            await asyncio.sleep(tick_s)
+            should_exit = await self.on_tick(counter - counter % 10)
+
+    main_loop._flotilla = True
+    server.main_loop = main_loop
     return True

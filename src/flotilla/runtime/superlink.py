@@ -108,6 +108,9 @@ def main() -> None:
         if not wake_supernodes(Path(os.environ[RECORD_DIR_ENV]) / "nodes"):
             print("flotilla: could not wake SuperNodes on new messages for this flwr version; they poll",
                   file=sys.stderr, flush=True)
+    from flotilla.runtime.engine_tuning import slower_uvicorn_tick
+
+    slower_uvicorn_tick()
     if os.environ.get("FLOTILLA_FORK_CLIENTAPPS", "1") != "0" and not use_flotilla_superexec():
         print("flotilla: could not host the ServerApp for this flwr version; it runs unobserved",
               file=sys.stderr, flush=True)

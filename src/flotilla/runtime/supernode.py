@@ -23,6 +23,7 @@ from flotilla.runtime import engine_tuning
 from flotilla.runtime.superexec import ROLE_ENV
 
 NODE_FILE_ENV = "FLOTILLA_NODE_FILE"
+SERVER_TASK_POLL_S = "0.5"
 WAKE_WRITE_FD_ENV = "FLOTILLA_TASK_WAKE_WRITE_FD"  # a shared fleet's SuperExec reads this pipe's other end
 WAKE_PORT_ENV = "FLOTILLA_WAKE_PORT"  # this SuperNode's UDP port the SuperLink wakes (in its node file)
 DEVICE_ENV = "FLOTILLA_DEVICE"
@@ -47,6 +48,8 @@ class SuperExecPopen:
         if self.keep_group:
             kw.pop("start_new_session", None)
         env = dict(kw.pop("env", None) or os.environ) | {ROLE_ENV: self.role}
+        if self.role == "server":  # it waits for ServerApp tasks, one per run: no need to ask 10 times a second
+            env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = SERVER_TASK_POLL_S
         if self.role != "client" or not engine_tuning.wake_superexec_on_tasks():
             return self._subprocess.Popen(args, *a, env=env, **kw)
         r = engine_tuning.superexec_wake_pipe()  # the SuperExec sleeps until a task is created
@@ -124,6 +127,8 @@ def main() -> None:
         _warn("could not shorten the object pull back-off")
     if not report_node_id():
         _warn("could not report the node id")
+    if not engine_tuning.slower_uvicorn_tick():
+        _warn("could not slow uvicorn's idle tick")
     if os.environ.get(WAKE_WRITE_FD_ENV, "").isdigit():  # its SuperExec was forked beside it (shared fleet)
         if engine_tuning.wake_superexec_on_tasks():
             engine_tuning.wake_pipe_from(int(os.environ[WAKE_WRITE_FD_ENV]))

@@ -86,6 +86,7 @@ def fork_module(argv: list[str], env: dict, cwd: str | None = None, log: str | N
             os.chdir(cwd)
         os.environ.clear()
         os.environ.update(env | {ZYGOTE_ENV: "1"})
+        _name(argv)
         code = run_module(argv)
     except BaseException:  # noqa: BLE001 - a child never returns into the zygote's loop
         import traceback
@@ -95,6 +96,17 @@ def fork_module(argv: list[str], env: dict, cwd: str | None = None, log: str | N
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _name(argv: list[str]) -> None:
+    """`ps` and /proc/<pid>/comm say what a fork is ("fl-supernode"), not the zygote's command line."""
+    try:
+        import ctypes
+
+        name = ("fl-" + argv[2].rsplit(".", 1)[-1])[:15].encode()
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError, IndexError):
+        pass
 
 
 def _close_fds_but(keep: set[int]) -> None:
