@@ -6,15 +6,20 @@ restarted device registers again as a new node: its old node id is stale
 (Flower still lists it until 2 x 30 s of missed heartbeats) and must get no
 work. A node is usable when its device is not down and, where devices write
 node files (local, compose), it is the device's current node. Both files are
-re-read only when they change.
+re-read when they change, and at least every second (a directory's mtime
+ticks coarsely: two writes in one tick look like one).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 
 from flotilla.contracts import RecordPaths
+
+
+REREAD_S = 1.0
 
 
 class FleetView:
@@ -24,6 +29,7 @@ class FleetView:
         self.current: dict[str, int] = {}  # device -> its node id now (from its node file)
         self._lock = threading.Lock()
         self._nodes_mtime = None
+        self._nodes_read_at = 0.0
         self._lost: set[str] = set()
         self._lost_mtime = None
 
@@ -46,7 +52,9 @@ class FleetView:
         self.refresh()
         name = self.names.get(node_id, (None, ""))[0]
         if name is None:
-            return True  # unknown to Flotilla: Flower's own view stands
+            # Where devices write node files, a node none of them names is a dead incarnation whose file
+            # went before it was read (Flower lists it for 60 s more); elsewhere Flower's own view stands.
+            return not self._has_node_files()
         if name in self._lost:
             return False
         if self._has_node_files():
@@ -57,9 +65,9 @@ class FleetView:
         if self.paths is None:
             return
         with self._lock:
-            mtime = _mtime(self.paths.nodes)
-            if mtime != self._nodes_mtime:
-                self._nodes_mtime = mtime
+            mtime, now = _mtime(self.paths.nodes), time.monotonic()
+            if mtime != self._nodes_mtime or now - self._nodes_read_at >= REREAD_S:
+                self._nodes_mtime, self._nodes_read_at = mtime, now
                 self.current = {}
                 for f in self.paths.nodes.glob("*.json") if mtime is not None else ():
                     try:
