@@ -81,7 +81,8 @@ def test_warm_trainer_over_its_socket(tmp_path):
 
 
 def test_client_app_imports_no_torch():
-    code = "import sys, flotilla.app.client_app; print(sorted(m for m in ('torch','mlxtend','sklearn','pandas') if m in sys.modules))"
+    code = ("import sys, flotilla.app.client_app; "
+            "print(sorted(m for m in ('torch','mlxtend','sklearn','pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -121,7 +121,7 @@ def test_rendered_compose_passes_docker_compose_config(tmp_path, compose):
     assert sl["healthcheck"]["test"][0] == "CMD"
     assert any(v["type"] == "volume" and v["target"] == "/state" for v in sl["volumes"])
     assert sl["ports"][0]["host_ip"] == "127.0.0.1" and sl["ports"][0]["published"] == "8000"
-    for name, (cpus, mem) in LIMITS.items():
+    for name, (cpus, _mem) in LIMITS.items():
         svc = services[name]
         assert svc["depends_on"]["superlink"]["condition"] == "service_healthy"
         limits = svc["deploy"]["resources"]["limits"]

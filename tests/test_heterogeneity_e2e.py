@@ -7,7 +7,6 @@ the job's throttle schedule with a Throttler, as the driver's follow loop does.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import time
 
@@ -15,10 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import FLOTILLA, cgroups_of, processes_of
-from flotilla.strategy.aggregate import Update, aggregate_updates, reply_status, update_steps
-from flotilla.strategy.planner import AutoPlanner, allocate, sync_devices, update_estimate
 from flotilla.runs import RunRecord, read_jsonl
 from flotilla.sandbox.cgroups import DeviceCgroup
+from flotilla.strategy.aggregate import Update, aggregate_updates, reply_status, update_steps
+from flotilla.strategy.planner import AutoPlanner, allocate, sync_devices, update_estimate
 from flotilla.throttle import Throttler
 
 MiB = 1024**2

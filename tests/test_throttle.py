@@ -14,7 +14,7 @@ import pytest
 from flotilla.job import ThrottleStep
 from flotilla.runs import RunRecord, append_jsonl, read_jsonl
 from flotilla.sandbox.cgroups import DeviceCgroup, cgroups_available, cleanup_run, group_name, run_prefix
-from flotilla.throttle import JsonlTail, Throttler, ThrottleError, step_due, throttle_now
+from flotilla.throttle import JsonlTail, ThrottleError, Throttler, step_due, throttle_now
 
 MiB = 1024**2
 _ok, _reason = cgroups_available() if os.geteuid() == 0 else (False, "not root")

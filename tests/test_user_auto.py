@@ -23,8 +23,18 @@ import numpy as np
 import pytest
 import yaml
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg,
-                                     FedYogi, Krum, Strategy)
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    Strategy,
+)
 from flwr.supercore.task_identity import TaskIdentity
 
 from conftest import FLOTILLA, cgroups_of, processes_of

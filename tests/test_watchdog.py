@@ -1,6 +1,6 @@
 """The watchdog's rules: stopped, thrashing and hung devices, from kernel samples (no fleet needed)."""
 
-from flotilla.watchdog import HANG_S, HUNG_MIN_S, MiB, THRASH_S, Health, Watchdog, advice
+from flotilla.watchdog import HANG_S, HUNG_MIN_S, THRASH_S, Health, MiB, Watchdog, advice
 
 
 def feed(w: Watchdog, samples, since=None, device="pi-1"):

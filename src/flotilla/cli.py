@@ -75,9 +75,7 @@ def _check_metrics_port(port: int) -> None:
 
 
 def _load(job_file: Path, target: Optional[str]):
-    from flotilla.targets import REGISTRY
-
-    from flotilla.targets import check_job
+    from flotilla.targets import REGISTRY, check_job
 
     job = load_job(job_file)
     target = target or job.target

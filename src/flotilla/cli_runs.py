@@ -145,10 +145,10 @@ def resume(
     """Continue a stopped, failed or orphaned run from its last checkpoint, on the same target and record."""
     import yaml
 
+    from flotilla.contracts import RecordPaths
     from flotilla.driver import run_job
     from flotilla.job import parse_job
     from flotilla.runtime.checkpoint import read_checkpoint
-    from flotilla.contracts import RecordPaths
 
     rec = _find(run_id, runs_dir)
     st = rec.state()

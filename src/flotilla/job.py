@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+
 from flotilla.errors import UserError
 from flotilla.spread import Spread, parse_limit, spread_json_schema
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 BUILTIN_APPS = ("mnist",)
 DATASETS = ("mnist-5k", "mnist", "digits")

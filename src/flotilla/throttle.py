@@ -20,18 +20,15 @@ enforced) can be throttled; the state file's "cgroups" says which.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import yaml
 
+from flotilla.errors import UserError
 from flotilla.job import JobError, ThrottleStep, parse_job, parse_memory
 from flotilla.runs import JsonlTail, RunRecord, append_jsonl, read_jsonl
-
-from flotilla.errors import UserError
 
 THROTTLE_FILE = "throttle.jsonl"
 ROUND_STARTS_FILE = "round_starts.jsonl"  # written by the ServerApp as each round begins

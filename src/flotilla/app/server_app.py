@@ -19,10 +19,10 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from flotilla.contracts import RECORD_DIR_ENV, BuiltinConfig, RecordPaths
 from flotilla.strategy.fleet import FleetAuto, FleetFedAvg, wait_for_fleet
 from flotilla.strategy.grid import FleetGrid
 from flotilla.strategy.planner import AutoPlanner
-from flotilla.contracts import RECORD_DIR_ENV, BuiltinConfig, RecordPaths
 
 app = ServerApp()
 

@@ -78,7 +78,8 @@ def _write_atomic(path: Path, x: np.ndarray, y: np.ndarray) -> None:
             Path(tmp).unlink(missing_ok=True)
             raise
     except OSError as err:
-        warnings.warn(f"flotilla: could not write data cache {path} ({err}); set FLOTILLA_CACHE to a writable dir")
+        warnings.warn(f"flotilla: could not write data cache {path} ({err}); set FLOTILLA_CACHE to a writable dir",
+                      stacklevel=2)
 
 
 def _check_arrays(x: np.ndarray, y: np.ndarray, source: str) -> None:
@@ -195,7 +196,8 @@ def load_mnist_idx(path: str | Path | None) -> tuple[np.ndarray, np.ndarray, np.
         return x_train, y_train, None, None
     if not all(has_test):
         missing = "test_labels" if has_test[0] else "test_images"
-        raise DataError(f"{directory / MNIST_FILES[missing]}[.gz]: missing while its pair exists; add it or remove both t10k files")
+        raise DataError(f"{directory / MNIST_FILES[missing]}[.gz]: missing while its pair exists; "
+                        "add it or remove both t10k files")
     x_test, y_test = _read_pair(directory, MNIST_FILES["test_images"], MNIST_FILES["test_labels"])
     return x_train, y_train, x_test, y_test
 

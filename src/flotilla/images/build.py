@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import flotilla
-
 from flotilla.errors import UserError
 
 DEFAULT_BASE_IMAGE = "python:3.11-slim"

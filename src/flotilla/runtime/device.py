@@ -22,14 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from flotilla.plan import format_node_config
 from flotilla.contracts import OWNER_LEASE_ENV
+from flotilla.plan import format_node_config
 from flotilla.runtime.commands import flower_env
 from flotilla.runtime.lease import owner_gone
 from flotilla.runtime.preload import PRELOAD_ENV, READY_FILE_ENV, THREADS_ENV
 from flotilla.runtime.supernode import DEVICE_CLASS_ENV, DEVICE_ENV, NODE_FILE_ENV, WAKE_WRITE_FD_ENV
 from flotilla.runtime.zygote import ZYGOTE_ENV
-
 
 AGENT_POLL_S = 0.5  # how often the agent looks at its children and its owner's lease
 

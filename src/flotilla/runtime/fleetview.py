@@ -18,7 +18,6 @@ import time
 
 from flotilla.contracts import RecordPaths
 
-
 REREAD_S = 1.0
 
 

@@ -32,7 +32,6 @@ from flotilla.contracts import STAMP_KEY, DeviceStatus, RecordPaths
 from flotilla.runtime.fleetview import FleetView
 
 
-
 def _num(v) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 

@@ -46,7 +46,6 @@ from flotilla.strategy.aggregate import Update, aggregate_updates, reply_status,
 from flotilla.strategy.planner import MAX_STALENESS, Assignment, AutoPlanner, RoundPlan
 from flotilla.strategy.records import device_record, missing_record
 
-
 # -- strategies ---------------------------------------------------------------
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flwr.app import Message
 
-from flotilla.contracts import DeviceStatus
 from flotilla.strategy.planner import Assignment
 
 

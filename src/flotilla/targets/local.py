@@ -19,14 +19,22 @@ import sys
 import time
 from pathlib import Path
 
-from flotilla.plan import Plan, format_node_config
-from flotilla.sandbox.procs import (
-    ProcessError, free_port, group_pids, kill_groups, pid_alive, proc_cpu_s, proc_state, signal_group, wait_port,
-)
 from flotilla.contracts import OWNER_LEASE_ENV, RecordPaths
+from flotilla.plan import Plan, format_node_config
 from flotilla.runs import RunRecord
-from flotilla.runtime.engine_tuning import WAKE_ENV
 from flotilla.runtime.commands import device_command, device_threads, flower_env, record_env, superlink_command
+from flotilla.runtime.engine_tuning import WAKE_ENV
+from flotilla.sandbox.procs import (
+    ProcessError,
+    free_port,
+    group_pids,
+    kill_groups,
+    pid_alive,
+    proc_cpu_s,
+    proc_state,
+    signal_group,
+    wait_port,
+)
 from flotilla.targets.base import Federation, Target, TargetError
 
 

@@ -5,11 +5,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from flotilla.contracts import OWNER_LEASE_ENV
 from flotilla.job import format_memory
 from flotilla.plan import DevicePlan, Plan, format_node_config
-from flotilla.contracts import OWNER_LEASE_ENV
 from flotilla.runtime.commands import (
-    DEVICE_PORT, FLOWER_ENV, METRICS_PORT, SUPERLINK_PORT, device_command, device_threads, superlink_command,
+    DEVICE_PORT,
+    FLOWER_ENV,
+    METRICS_PORT,
+    SUPERLINK_PORT,
+    device_command,
+    device_threads,
+    superlink_command,
 )
 from flotilla.targets.containers import SUPERLINK_HEALTHCHECK, dump_plain, superlink_env
 

@@ -33,8 +33,15 @@ from flotilla.images.build import image_app_dir
 from flotilla.job import DeviceClass
 from flotilla.plan import DevicePlan, Plan, format_node_config
 from flotilla.runtime.commands import (
-    DEVICE_PORT, FLOWER_ENV, METRICS_PORT, SUPERLINK_PORT, DeviceTls, ServerTls, device_command,
-    remote_device_threads, superlink_command,
+    DEVICE_PORT,
+    FLOWER_ENV,
+    METRICS_PORT,
+    SUPERLINK_PORT,
+    DeviceTls,
+    ServerTls,
+    device_command,
+    remote_device_threads,
+    superlink_command,
 )
 from flotilla.targets.base import TargetError
 from flotilla.targets.containers import PlainDumper, superlink_env, target_image

@@ -12,11 +12,26 @@ from flotilla.runtime.commands import SUPERLINK_PORT
 from flotilla.targets.base import Federation, Target, TargetError
 from flotilla.targets.containers import cert_bundle, check_image, register_supernodes, target_image, write_secret_script
 from flotilla.targets.k8s.cluster import (
-    DEVICE_PODS, PortForward, connect, core_api, create_objects, create_secrets, delete_namespace, namespace_exists,
-    pod_state, superlink_pod, sync_records, wait_superlink,
+    DEVICE_PODS,
+    PortForward,
+    connect,
+    core_api,
+    create_objects,
+    create_secrets,
+    delete_namespace,
+    namespace_exists,
+    pod_state,
+    superlink_pod,
+    sync_records,
+    wait_superlink,
 )
 from flotilla.targets.k8s.render import (
-    RECORDS_MOUNT, K8sOptions, K8sRenderer, device_pod_name, dump_objects, pod_device_name,
+    RECORDS_MOUNT,
+    K8sOptions,
+    K8sRenderer,
+    device_pod_name,
+    dump_objects,
+    pod_device_name,
 )
 
 

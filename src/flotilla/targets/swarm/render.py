@@ -31,7 +31,13 @@ from flotilla.images.build import image_app_dir
 from flotilla.job import format_memory
 from flotilla.plan import DevicePlan, Plan, format_node_config
 from flotilla.runtime.commands import (
-    DEVICE_PORT, FLOWER_ENV, SUPERLINK_PORT, DeviceTls, ServerTls, device_command, remote_device_threads,
+    DEVICE_PORT,
+    FLOWER_ENV,
+    SUPERLINK_PORT,
+    DeviceTls,
+    ServerTls,
+    device_command,
+    remote_device_threads,
     superlink_command,
 )
 from flotilla.targets.base import TargetError

@@ -11,10 +11,20 @@ from flotilla.plan import Plan
 from flotilla.runs import RunRecord
 from flotilla.targets.base import Federation, Target, TargetError
 from flotilla.targets.containers import (
-    cert_bundle, check_image, limits_applied, register_supernodes, target_image, write_secret_script,
+    cert_bundle,
+    check_image,
+    limits_applied,
+    register_supernodes,
+    target_image,
+    write_secret_script,
 )
 from flotilla.targets.swarm.engine import (
-    Docker, check_placement, cluster_nodes, current_task, port_open, task_state,
+    Docker,
+    check_placement,
+    cluster_nodes,
+    current_task,
+    port_open,
+    task_state,
 )
 from flotilla.targets.swarm.render import LABEL, NETWORK, RUN_MOUNT, StackRenderer, SwarmOptions
 
