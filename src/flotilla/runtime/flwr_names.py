@@ -24,6 +24,8 @@ NAMES: list[tuple[str, str, str]] = [
     ("flwr.supernode.nodestate.in_memory_nodestate", "InMemoryNodeState.set_node_id",
      "supernode: writes the device's node id to the record"),
     ("flwr.supernode.cli", "flower_supernode", "supernode: the SuperNode itself"),
+    ("flwr.supernode.main", "create_app", "engine_tuning: the first call reuses the app built at import"),
+    ("flwr.supernode.main", "app", "engine_tuning: the SuperNode API app built at import"),
     ("flwr.supercore.inflatable.inflatable_utils", "pull_objects", "engine_tuning: object pull back-off 50 ms"),
     ("flwr.supercore.inflatable.inflatable_utils", "pull_and_inflate_object_from_tree",
      "engine_tuning: object pull back-off 50 ms"),

@@ -127,6 +127,8 @@ def main() -> None:
         _warn("could not shorten the object pull back-off")
     if not report_node_id():
         _warn("could not report the node id")
+    if not engine_tuning.reuse_built_supernode_app():
+        _warn("could not reuse the SuperNode's built API app")
     if not engine_tuning.slower_uvicorn_tick():
         _warn("could not slow uvicorn's idle tick")
     if os.environ.get(WAKE_WRITE_FD_ENV, "").isdigit():  # its SuperExec was forked beside it (shared fleet)

@@ -37,7 +37,7 @@ EXITS_DIR_ENV = "FLOTILLA_EXITS_DIR"  # where the zygote writes each child's exi
 
 # Everything a device's processes import; the app's own imports come with its ClientApp module.
 PRELOAD = [
-    "flwr.supernode.start_client_internal", "flwr.supernode.cli", "flwr.supernode.runtime.run_clientapp",
+    "flwr.supernode.start_client_internal", "flwr.supernode.cli", "flwr.supernode.main", "flwr.supernode.runtime.run_clientapp",
     "flwr.supercore.superexec.run_superexec", "flwr.supercore.cli", "flwr.supercore.tls",
     "flwr.clientapp", "flwr.app",
     "flotilla.runtime.device", "flotilla.runtime.supernode", "flotilla.runtime.superexec",
