@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -65,11 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.trainer or args.preload_app:  # the trainer, or the preloading fork server, says when it is warm
             env[READY_FILE_ENV] = str(nodes / f"{args.name}.ready")
     children: list[tuple[str, subprocess.Popen | Forked]] = []
-    stopping = False
+    stopping = threading.Event()  # set by SIGTERM/SIGINT; the wait below wakes at once, not at its next poll
 
     def stop(*_):
-        nonlocal stopping
-        stopping = True
+        stopping.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             children.append(("supernode", start(cmd, env)))
         print(f"flotilla device {args.name}: started (pids {[c.pid for _, c in children]})", flush=True)
         lease = os.environ.get(OWNER_LEASE_ENV)
-        while not stopping:
+        while not stopping.is_set():
             if owner_gone(lease):
                 print(f"flotilla device {args.name}: its driver is gone (lease {lease} stale); stopping",
                       file=sys.stderr, flush=True)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"flotilla device {args.name}: {what} exited with code {c.returncode}", file=sys.stderr,
                           flush=True)
                     return c.returncode or 1
-            time.sleep(AGENT_POLL_S)
+            stopping.wait(AGENT_POLL_S)
         return 0
     finally:
         _end([c for _, c in children])

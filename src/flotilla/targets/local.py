@@ -37,6 +37,11 @@ from flotilla.sandbox.procs import (
 )
 from flotilla.targets.base import Federation, Target, TargetError
 
+# A finished run's processes have nothing left to save (outputs are written as they go): SIGTERM gives each a
+# chance to deregister, and after this long the rest are killed. 100 devices took ~3.7 s to exit on their own
+# on 2 busy cores (each SuperNode waits up to uvicorn's 1 s tick for its API server).
+TEARDOWN_GRACE_S = 1.5
+
 
 class LocalTarget(Target):
     name = "local"
@@ -317,8 +322,8 @@ class LocalTarget(Target):
         st = run.state()
         groups = st.get("groups", {})
         # every device at once (one grace period for the fleet), then the SuperLink and the zygote
-        kill_groups([g for n, g in groups.items() if n not in ("superlink", "zygote")])
-        kill_groups([groups[n] for n in ("superlink", "zygote") if n in groups])
+        kill_groups([g for n, g in groups.items() if n not in ("superlink", "zygote")], grace_s=TEARDOWN_GRACE_S)
+        kill_groups([groups[n] for n in ("superlink", "zygote") if n in groups], grace_s=TEARDOWN_GRACE_S)
         if st.get("zygote_dir"):
             import shutil
 
