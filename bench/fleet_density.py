@@ -162,7 +162,9 @@ def idle_phase(n: int, shared: bool, work: Path) -> dict:
             t2 = time.time()
             target.down(run)
             out["teardown_s"] = round(time.time() - t2, 2)
-    out["left_after_teardown"] = processes_of(run.dir) + cgroups_of(run.run_id)
+    sockets = run.state().get("sockets_dir")
+    out["left_after_teardown"] = processes_of(run.dir) + cgroups_of(run.run_id) + (
+        [sockets] if sockets and Path(sockets).exists() else [])
     return out
 
 

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -58,6 +59,7 @@ def test_run_two_devices_two_rounds(job_file, tmp_path):
 
     assert processes_of(run.dir) == []
     assert cgroups_of(s["run_id"]) == []
+    assert not Path(run.state()["sockets_dir"]).exists()  # the devices' sockets went with them
 
 
 def test_submit_status_stop_from_another_terminal(job_file, tmp_path):

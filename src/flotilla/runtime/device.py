@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
 
-    sock_dir = tempfile.mkdtemp(prefix="flotilla-")  # short path: AF_UNIX paths are limited to 108 bytes
+    # short path (AF_UNIX paths are limited to 108 bytes), in the run's sockets dir where the target made one: it
+    # goes at the end of the run even when this agent was killed before it could clean up
+    sock_dir = tempfile.mkdtemp(prefix="flotilla-", dir=os.environ.get("FLOTILLA_SOCKETS_DIR") or None)
     sock = os.path.join(sock_dir, "trainer.sock")
     node_config = args.node_config
     try:

@@ -37,10 +37,8 @@ from flotilla.sandbox.procs import (
 )
 from flotilla.targets.base import Federation, Target, TargetError
 
-# A finished run's processes have nothing left to save (outputs are written as they go): SIGTERM gives each a
-# chance to deregister, and after this long the rest are killed. 100 devices took ~3.7 s to exit on their own
-# on 2 busy cores (each SuperNode waits up to uvicorn's 1 s tick for its API server).
-TEARDOWN_GRACE_S = 1.5
+TEARDOWN_GRACE_S = 1.5  # the SuperLink's and zygote's time to exit on SIGTERM before SIGKILL
+SOCKETS_DIR_ENV = "FLOTILLA_SOCKETS_DIR"  # where a device makes its sockets (the run's sockets_dir)
 
 
 class LocalTarget(Target):
@@ -91,9 +89,13 @@ class LocalTarget(Target):
 
         job = plan.job
         # the fleet stops itself when the driver's lease goes stale (the driver was killed): no orphans
-        env = self._fleet_env(run)
+        import tempfile
+
         port = free_port()
-        run.write_state(superlink_port=port, groups={}, cgroups={}, device_pids={})
+        # the run's sockets (zygote, trainers): AF_UNIX paths are short, so not in the record; removed by down()
+        run.write_state(superlink_port=port, groups={}, cgroups={}, device_pids={},
+                        sockets_dir=tempfile.mkdtemp(prefix="flotilla-run-"))
+        env = self._fleet_env(run)
         # No --database: the state lives as long as this run, in memory (sqlite's locking failed runs
         # under heavy load here: "database is locked").
         server_env = env | record_env(str(run.dir), run_id=run.run_id, job_name=job.name,
@@ -119,8 +121,11 @@ class LocalTarget(Target):
     def _fleet_env(run: RunRecord) -> dict:
         """Every local Flower process: its own FLWR_HOME; the fleet stops itself when the driver's lease goes
         stale (no orphans); the SuperLink wakes idle SuperNodes by UDP on loopback (no busy polling)."""
-        return flower_env() | {"FLWR_HOME": str(run.dir / "flwr"), OWNER_LEASE_ENV: str(RecordPaths(run.dir).owner),
-                               WAKE_ENV: "1"}
+        env = flower_env() | {"FLWR_HOME": str(run.dir / "flwr"), OWNER_LEASE_ENV: str(RecordPaths(run.dir).owner),
+                              WAKE_ENV: "1"}
+        if run.state().get("sockets_dir"):
+            env[SOCKETS_DIR_ENV] = run.state()["sockets_dir"]
+        return env
 
     def _start_superlink(self, run: RunRecord, env: dict, port: int) -> None:
         log = run.log_path("superlink")
@@ -150,16 +155,12 @@ class LocalTarget(Target):
 
     def _start_zygote(self, plan: Plan, run: RunRecord, env: dict) -> None:
         """The run's warm process (flotilla.runtime.zygote): every device forks from it and shares its pages."""
-        import tempfile
-
-        sock_dir = tempfile.mkdtemp(prefix="flotilla-z-")  # AF_UNIX paths are short: not in the record
-        sock = os.path.join(sock_dir, "zygote.sock")
+        sock = os.path.join(run.state()["sockets_dir"], "zygote.sock")
         cmd = [sys.executable, "-m", "flotilla.runtime.zygote", "--socket", sock, "--exits", str(run.dir / "exits")]
         cmd += ["--builtin"] if plan.app.builtin else ["--preload-app", str(run.dir / "app")]
         log = run.log_path("zygote")
         proc = self.procs["zygote"] = self._spawn(cmd, env, log, None, _workdir(run, "zygote"))
         self._record(run, "zygote", proc.pid, None)
-        run.write_state(zygote_dir=sock_dir)
         end = time.time() + 300
         while not os.path.exists(sock):
             if proc.poll() is not None:
@@ -321,13 +322,16 @@ class LocalTarget(Target):
 
         st = run.state()
         groups = st.get("groups", {})
-        # every device at once (one grace period for the fleet), then the SuperLink and the zygote
-        kill_groups([g for n, g in groups.items() if n not in ("superlink", "zygote")], grace_s=TEARDOWN_GRACE_S)
+        # Devices at once and without a grace period: a finished (or stopped) run's devices have nothing to
+        # save (outputs are written as they go, sockets live in sockets_dir), and 100 SuperNodes ending
+        # gracefully took ~3.7 s of 2 busy cores. Then the SuperLink and the zygote, which may deregister.
+        kill_groups([g for n, g in groups.items() if n not in ("superlink", "zygote")], grace_s=0)
         kill_groups([groups[n] for n in ("superlink", "zygote") if n in groups], grace_s=TEARDOWN_GRACE_S)
-        if st.get("zygote_dir"):
-            import shutil
+        for d in (st.get("sockets_dir"), st.get("zygote_dir")):  # (zygote_dir: records of earlier versions)
+            if d:
+                import shutil
 
-            shutil.rmtree(st["zygote_dir"], ignore_errors=True)
+                shutil.rmtree(d, ignore_errors=True)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=5)
