@@ -17,7 +17,7 @@ demo: install
 	$(BIN)/flotilla run examples/mnist.yaml
 
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -rs
 
 test-fast: install
 	$(BIN)/pytest -q -m "not e2e and not docker"

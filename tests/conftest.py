@@ -67,3 +67,14 @@ def wait_until(pred, timeout: float, what: str, step: float = 0.5):
             return v
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture
+def task_identity():
+    """Flower stamps every Message with the running task's identity (set by flwr-serverapp in a real run)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

@@ -35,7 +35,6 @@ from flwr.serverapp.strategy import (
     Krum,
     Strategy,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from conftest import FLOTILLA, cgroups_of, processes_of
 from flotilla.client import Budget
@@ -54,13 +53,7 @@ def outside_flotilla(monkeypatch):
     monkeypatch.delenv("FLOTILLA_RECORD_DIR", raising=False)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """Flower stamps every Message with the running task's identity (set by flwr-serverapp in a real run)."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")  # (conftest) Messages are built here outside a run
 
 
 # -- the client contract ------------------------------------------------------------

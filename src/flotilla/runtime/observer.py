@@ -20,70 +20,27 @@ speed and answers for lost devices at once.
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message
 
 from flotilla.contracts import STAMP_KEY, DeviceStatus, RecordPaths
 from flotilla.runtime.fleetview import FleetView
-
-
-def _num(v) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-def record_bytes(content: RecordDict | None) -> int:
-    """Payload bytes of a message: its arrays' serialized data (configs and metrics are noise beside them)."""
-    if content is None:
-        return 0
-    total = 0
-    for rec in content.values():
-        if isinstance(rec, ArrayRecord):
-            total += sum(len(a.data) for a in rec.values())
-    return total
-
-
-def reply_metrics(content: RecordDict) -> dict[str, float]:
-    """Every scalar metric of a reply, keys as the app wrote them: its MetricRecords, and (legacy
-    NumPyClient replies) the `fitres.metrics` / `evaluateres.metrics` ConfigRecord with `num_examples`
-    also under Flower's Message-API name `num-examples`."""
-    out: dict[str, float] = {}
-    for key, rec in content.items():
-        if isinstance(rec, MetricRecord) or (isinstance(rec, ConfigRecord) and key.endswith("res.metrics")):
-            for k, v in rec.items():
-                if (x := _num(v)) is not None:
-                    out[k] = x
-    if "num_examples" in out:
-        out.setdefault("num-examples", out["num_examples"])
-    return out
-
-
-def message_round(msg: Message, current: int) -> int:
-    """The round a message belongs to: group_id (legacy API and most loops) or the config's server-round
-    (Flower's Message-API strategies), else the round being observed."""
-    gid = msg.metadata.group_id
-    if gid and gid.isdigit():
-        return int(gid)
-    if msg.has_content():
-        for rec in msg.content.values():
-            if isinstance(rec, ConfigRecord) and isinstance(rec.get("server-round"), int):
-                return int(rec["server-round"])
-    return current
-
-
-def weighted_mean(rows: list[dict], weight_key: str = "num-examples") -> dict[str, float]:
-    """Flower's default aggregation of reply metrics: mean weighted by num-examples (plain mean without it)."""
-    keys = {k for r in rows for k in r if k != weight_key}
-    out = {}
-    for k in sorted(keys):
-        pairs = [(r[k], r.get(weight_key, 1.0)) for r in rows if k in r]
-        w = sum(max(0.0, p[1]) for p in pairs)
-        out[k] = sum(v * max(0.0, wt) for v, wt in pairs) / w if w > 0 else sum(v for v, _ in pairs) / len(pairs)
-    return out
+from flotilla.runtime.observed import (
+    append_row,
+    merge_detail,
+    message_round,
+    missing_device,
+    pick_metric,
+    record_bytes,
+    reply_metrics,
+    save_arrays,
+    scalar,
+    weighted_mean,
+)
 
 
 @dataclass
@@ -104,14 +61,14 @@ class Exchange:
     error: str | None = None
 
     def row(self, name: str, cls: str) -> dict:
-        compute = _num(self.stamp.get("compute_s"))
+        compute = scalar(self.stamp.get("compute_s"))
         row = {
             "name": name, "class": cls, "node_id": self.node_id, "status": self.status,
             "sent": round(self.sent, 4), "answered": round(self.answered, 4) if self.answered else None,
             "reply_s": round(self.answered - self.sent, 4) if self.answered else None,
             "bytes_down": self.bytes_down, "bytes_up": self.bytes_up,
             "compute_s": round(compute, 4) if compute is not None else None,
-            "cpu_s": _num(self.stamp.get("cpu_s")), "queued_s": _num(self.stamp.get("queued_s")),
+            "cpu_s": scalar(self.stamp.get("cpu_s")), "queued_s": scalar(self.stamp.get("queued_s")),
             "metrics": self.metrics,
         }
         if self.error:
@@ -231,8 +188,8 @@ class Observer:
         with self._lock:
             rnd = self._round(server_round, time.time())
             if metrics:
-                rnd.server_metrics.update({k: x for k, v in dict(metrics).items() if (x := _num(v)) is not None})
-            if loss is not None and _num(loss) is not None:
+                rnd.server_metrics.update({k: x for k, v in dict(metrics).items() if (x := scalar(v)) is not None})
+            if loss is not None and scalar(loss) is not None:
                 rnd.server_metrics.setdefault("loss", float(loss))
             self.metrics_seen["server"].update(rnd.server_metrics)
             if done or server_round == 0:
@@ -244,7 +201,7 @@ class Observer:
         with self._lock:
             rnd = self._round(server_round, time.time())
             if metrics:
-                rnd.app_metrics[kind] = {k: x for k, v in dict(metrics).items() if (x := _num(v)) is not None}
+                rnd.app_metrics[kind] = {k: x for k, v in dict(metrics).items() if (x := scalar(v)) is not None}
             if arrays is not None:
                 self.round_arrays[server_round] = arrays
                 for r in [r for r in self.round_arrays if r < server_round - 1]:
@@ -277,7 +234,7 @@ class Observer:
                 self.rounds[r].emitted = True
                 return self.rounds[r]
             if r >= 1 and self.paths is not None:
-                _append(self.paths.round_starts, {"round": r, "t_start": t})
+                append_row(self.paths.round_starts, {"round": r, "t_start": t})
         return self.rounds[r]
 
     def _emit_before(self, r: int) -> None:
@@ -295,7 +252,7 @@ class Observer:
         rnd.emitted = True
         row = self.round_row(rnd)
         if self.paths is not None:
-            _append(self.paths.metrics, row)
+            append_row(self.paths.metrics, row)
             self._checkpoint(rnd.number)
         if self.exporter is not None:
             self.exporter.observe_round(row)
@@ -327,7 +284,7 @@ class Observer:
         for ex in sorted(rnd.exchanges.values(), key=lambda e: e.sent):
             name, cls = self.name_of(ex.node_id)
             if ex.kind == "evaluate":
-                d = devices.setdefault(name, _missing_device(name, cls, ex.node_id))
+                d = devices.setdefault(name, missing_device(name, cls, ex.node_id))
                 d["evaluate"] = {"status": ex.status, "reply_s": ex.row(name, cls)["reply_s"],
                                  "compute_s": ex.row(name, cls)["compute_s"], "metrics": ex.metrics}
                 if ex.status == DeviceStatus.OK:
@@ -350,8 +307,8 @@ class Observer:
                 trains.append(ex.metrics)
         evaluate = rnd.app_metrics.get("evaluate") or (weighted_mean(evals) if evals else {})
         train = rnd.app_metrics.get("train") or (weighted_mean(trains) if trains else {})
-        acc, acc_src = _pick(self.accuracy_key, rnd.server_metrics, evaluate, train)
-        loss, _ = _pick(self.loss_key, rnd.server_metrics, evaluate, train)
+        acc, acc_src = pick_metric(self.accuracy_key, rnd.server_metrics, evaluate, train)
+        loss, _ = pick_metric(self.loss_key, rnd.server_metrics, evaluate, train)
         ends = [e.answered for e in rnd.exchanges.values() if e.answered]
         row = {
             "round": rnd.number, "accuracy": acc, "loss": loss, "accuracy_source": acc_src,
@@ -399,44 +356,4 @@ class Observer:
 
     def _log(self, row: dict) -> None:
         if self.paths is not None:
-            _append(self.paths.messages, row)
-
-
-def _pick(key: str, *sources: dict) -> tuple[float | None, str | None]:
-    for name, src in zip(("server", "evaluate", "train"), sources):
-        if key in src:
-            return src[key], name
-    return None, None
-
-
-def _missing_device(name: str, cls: str, node_id: int) -> dict:
-    return {"name": name, "class": cls, "node_id": node_id, "status": DeviceStatus.IDLE, "train_s": 0.0,
-            "samples": 0, "throughput_sps": None}
-
-
-def merge_detail(observed: dict, detail: dict) -> dict:
-    """The built-in app's round record, with what the grid saw added to each device (bytes, reply times)."""
-    seen = {d["name"]: d for d in observed["devices"]}
-    devices = []
-    for d in detail.get("devices", []):
-        o = seen.get(d.get("name"), {})
-        devices.append({k: v for k, v in o.items() if k not in ("status", "train_s", "samples", "throughput_sps",
-                                                                 "metrics")} | d)
-    out = observed | {k: v for k, v in detail.items() if k != "devices"}
-    out["devices"] = devices
-    if detail.get("accuracy") is not None:
-        out["accuracy_source"] = "server"  # the app's own record: its central evaluation
-    return out
-
-
-def save_arrays(path: Path, arrays: ArrayRecord) -> None:
-    import numpy as np
-
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{k: a.numpy() for k, a in arrays.items()})
-    tmp.replace(path)
-
-
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(row, default=str) + "\n")
+            append_row(self.paths.messages, row)
