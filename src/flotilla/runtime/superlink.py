@@ -89,6 +89,22 @@ def wake_supernodes(nodes_dir: Path) -> bool:
     return True
 
 
+def _remove_device_cgroups() -> None:
+    """The devices stop themselves when the lease goes stale, but their (local) cgroups would stay until a
+    `flotilla stop` or `resume`: the SuperLink, last of the fleet, kills what is left in them and removes them."""
+    from flotilla.contracts import RUN_ID_ENV
+
+    run_id = os.environ.get(RUN_ID_ENV)
+    if not run_id:
+        return
+    try:
+        from flotilla.sandbox.cgroups import cleanup_run, run_prefix
+
+        cleanup_run(run_prefix(run_id), timeout=5.0)
+    except Exception as err:  # noqa: BLE001 - best effort: `flotilla stop` removes them too
+        print(f"flotilla: could not remove the run's cgroups: {err}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     import signal
 
@@ -96,8 +112,9 @@ def main() -> None:
     from flotilla.runtime.lease import watch_owner
 
     def owner_gone() -> None:
-        print("flotilla: the run's driver is gone (its lease went stale); stopping the SuperLink",
+        print("flotilla: the run's driver is gone (its lease went stale); stopping the fleet and the SuperLink",
               file=sys.stderr, flush=True)
+        _remove_device_cgroups()
         os.kill(os.getpid(), signal.SIGTERM)
 
     watch_owner(os.environ.get(OWNER_LEASE_ENV), owner_gone)
