@@ -276,8 +276,9 @@ def test_auto_does_not_wait_for_a_device_throttled_mid_run(job_file, tmp_path):
     assert dev3[1]["status"] == "ok"  # round 1 measures everyone at full speed
     for n in (2, 3):
         assert rounds[n]["deadline_s"] is not None
-        # the round ended at its deadline or before, without dev-3's full work
-        assert rounds[n]["wall_s"] < rounds[n]["deadline_s"] + 3.0
+        # the round ended at its deadline, without dev-3's full work: then aggregation and evaluation, which
+        # took 3.5 s past a 10 s deadline during a full test run on this 2-core machine
+        assert rounds[n]["wall_s"] < rounds[n]["deadline_s"] + max(3.0, 0.6 * rounds[n]["deadline_s"])
         assert dev3[n]["status"] in ("late", "partial", "busy", "async"), dev3[n]
         others = [d for d in rounds[n]["devices"] if d["name"] != "dev-3"]
         # the others' work reached the model this round: fresh, partial, or a late (stale) update

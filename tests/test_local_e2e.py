@@ -114,8 +114,9 @@ def _kill_after_round_1(job, tmp_path, victim_name: str):
 
 def test_a_killed_device_is_restarted_and_trained_again(job_file, tmp_path):
     # A restarted device rejoins once its processes have started again: 8-13 s measured while the other
-    # two train on this 2-core machine (~4 rounds); 20 rounds leave it ~4x that on a busier one.
-    job = job_file(rounds=20, devices=[{"name": "dev", "count": 3, "cpus": 1.0, "memory": "1g"}])
+    # two train on this 2-core machine; 20 short rounds (~1.5 s each) leave it ~2-3x that on a busier one.
+    job = job_file(rounds=20, devices=[{"name": "dev", "count": 3, "cpus": 1.0, "memory": "1g"}],
+                   train={"batch_size": 32, "lr": 0.02, "local_epochs": 0.3})
     proc, out, err, run_dir, killed_at = _kill_after_round_1(job, tmp_path, "dev-3")
     assert proc.returncode == 0, err[-3000:]
     s = last_json(out)
