@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -87,7 +88,8 @@ def test_a_killed_driver_leaves_no_fleet_and_the_run_resumes(job_file, tmp_path)
     killed = time.time()
     wait_until(lambda: processes_of(run.dir) == [], 40, "the fleet to stop itself")
     assert time.time() - killed < 30  # its lease goes stale after 10 s
-    wait_until(lambda: cgroups_of(run_id) == [], 20, "the SuperLink to remove the run's cgroups")
+    wait_until(lambda: cgroups_of(run_id) == [] and not Path(run.state()["sockets_dir"]).exists(), 20,
+               "the SuperLink to remove the run's cgroups and sockets")
     res = flotilla("resume", run_id, "--runs-dir", runs, "--json", cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     s = last_json(res.stdout)

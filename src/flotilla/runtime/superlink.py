@@ -90,13 +90,22 @@ def wake_supernodes(nodes_dir: Path) -> bool:
 
 
 def _remove_device_cgroups() -> None:
-    """The devices stop themselves when the lease goes stale, but their (local) cgroups would stay until a
-    `flotilla stop` or `resume`: the SuperLink, last of the fleet, kills what is left in them and removes them."""
-    from flotilla.contracts import RUN_ID_ENV
+    """The devices stop themselves when the lease goes stale, but their (local) cgroups and sockets dir would
+    stay until a `flotilla stop` or `resume`: the SuperLink, last of the fleet, kills what is left in them and
+    removes them."""
+    import shutil
+
+    from flotilla.contracts import RECORD_DIR_ENV, RUN_ID_ENV
 
     run_id = os.environ.get(RUN_ID_ENV)
     if not run_id:
         return
+    try:
+        sockets = json.loads((Path(os.environ.get(RECORD_DIR_ENV, "")) / "state.json").read_text()).get("sockets_dir")
+        if sockets:
+            shutil.rmtree(sockets, ignore_errors=True)
+    except (OSError, ValueError):
+        pass
     try:
         from flotilla.sandbox.cgroups import cleanup_run, run_prefix
 
