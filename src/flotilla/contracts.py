@@ -106,6 +106,7 @@ METRICS_PORT_ENV = "FLOTILLA_METRICS_PORT"  # the ServerApp serves Prometheus me
 RUN_ID_ENV = "FLOTILLA_RUN_ID"
 JOB_NAME_ENV = "FLOTILLA_JOB_NAME"
 OWNER_LEASE_ENV = "FLOTILLA_OWNER_LEASE"  # the driver's lease file: the fleet stops itself when it goes stale
+SOCKETS_DIR_ENV = "FLOTILLA_SOCKETS_DIR"  # where a local device makes its sockets (the run's sockets_dir)
 OWNER_TIMEOUT_S = 10.0
 
 

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from flotilla.contracts import OWNER_LEASE_ENV
+from flotilla.contracts import OWNER_LEASE_ENV, SOCKETS_DIR_ENV
 from flotilla.plan import format_node_config
 from flotilla.runtime.commands import flower_env
 from flotilla.runtime.lease import owner_gone
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # short path (AF_UNIX paths are limited to 108 bytes), in the run's sockets dir where the target made one: it
     # goes at the end of the run even when this agent was killed before it could clean up
-    sock_dir = tempfile.mkdtemp(prefix="flotilla-", dir=os.environ.get("FLOTILLA_SOCKETS_DIR") or None)
+    sock_dir = tempfile.mkdtemp(prefix="flotilla-", dir=os.environ.get(SOCKETS_DIR_ENV) or None)
     sock = os.path.join(sock_dir, "trainer.sock")
     node_config = args.node_config
     try:

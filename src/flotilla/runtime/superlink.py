@@ -89,7 +89,7 @@ def wake_supernodes(nodes_dir: Path) -> bool:
     return True
 
 
-def _remove_device_cgroups() -> None:
+def _remove_fleet_leftovers() -> None:
     """The devices stop themselves when the lease goes stale, but their (local) cgroups and sockets dir would
     stay until a `flotilla stop` or `resume`: the SuperLink, last of the fleet, kills what is left in them and
     removes them."""
@@ -100,12 +100,11 @@ def _remove_device_cgroups() -> None:
     run_id = os.environ.get(RUN_ID_ENV)
     if not run_id:
         return
-    try:
-        sockets = json.loads((Path(os.environ.get(RECORD_DIR_ENV, "")) / "state.json").read_text()).get("sockets_dir")
-        if sockets:
-            shutil.rmtree(sockets, ignore_errors=True)
-    except (OSError, ValueError):
-        pass
+    from flotilla.runs import RunRecord
+
+    if os.environ.get(RECORD_DIR_ENV) and (sockets := RunRecord(Path(os.environ[RECORD_DIR_ENV])).state().get(
+            "sockets_dir")):
+        shutil.rmtree(sockets, ignore_errors=True)
     try:
         from flotilla.sandbox.cgroups import cleanup_run, run_prefix
 
@@ -123,7 +122,7 @@ def main() -> None:
     def owner_gone() -> None:
         print("flotilla: the run's driver is gone (its lease went stale); stopping the fleet and the SuperLink",
               file=sys.stderr, flush=True)
-        _remove_device_cgroups()
+        _remove_fleet_leftovers()
         os.kill(os.getpid(), signal.SIGTERM)
 
     watch_owner(os.environ.get(OWNER_LEASE_ENV), owner_gone)

@@ -61,7 +61,8 @@ def kill_group(pgid: int, grace_s: float = 5.0) -> None:
 
 def kill_groups(pgids: list[int], grace_s: float = 5.0) -> None:
     """End many process groups at once: SIGCONT (a stopped group cannot act on SIGTERM) and SIGTERM to all,
-    one grace period for all, then SIGKILL to what is left. A fleet stops in one grace period, not one each."""
+    one grace period for all, then SIGKILL to what is left. A fleet stops in one grace period, not one each.
+    grace_s 0: SIGCONT and SIGKILL only (nothing to save)."""
     live = []
     first = (signal.SIGCONT, signal.SIGTERM) if grace_s > 0 else (signal.SIGCONT, signal.SIGKILL)  # 0: no grace
     for pgid in pgids:

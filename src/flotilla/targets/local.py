@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from flotilla.contracts import OWNER_LEASE_ENV, RecordPaths
+from flotilla.contracts import OWNER_LEASE_ENV, SOCKETS_DIR_ENV, RecordPaths
 from flotilla.plan import Plan, format_node_config
 from flotilla.runs import RunRecord
 from flotilla.runtime.commands import device_command, device_threads, flower_env, record_env, superlink_command
@@ -38,7 +38,6 @@ from flotilla.sandbox.procs import (
 from flotilla.targets.base import Federation, Target, TargetError
 
 TEARDOWN_GRACE_S = 1.5  # the SuperLink's and zygote's time to exit on SIGTERM before SIGKILL
-SOCKETS_DIR_ENV = "FLOTILLA_SOCKETS_DIR"  # where a device makes its sockets (the run's sockets_dir)
 
 
 class LocalTarget(Target):
@@ -123,8 +122,8 @@ class LocalTarget(Target):
         stale (no orphans); the SuperLink wakes idle SuperNodes by UDP on loopback (no busy polling)."""
         env = flower_env() | {"FLWR_HOME": str(run.dir / "flwr"), OWNER_LEASE_ENV: str(RecordPaths(run.dir).owner),
                               WAKE_ENV: "1"}
-        if run.state().get("sockets_dir"):
-            env[SOCKETS_DIR_ENV] = run.state()["sockets_dir"]
+        if sockets := run.state().get("sockets_dir"):
+            env[SOCKETS_DIR_ENV] = sockets
         return env
 
     def _start_superlink(self, run: RunRecord, env: dict, port: int) -> None:
