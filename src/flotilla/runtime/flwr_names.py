@@ -48,6 +48,8 @@ NAMES: list[tuple[str, str, str]] = [
     ("flwr.superlink.cli", "flower_superlink", "superlink: the SuperLink itself"),
     ("flwr.server.superlink.linkstate.in_memory_linkstate", "InMemoryLinkState.store_message_ins",
      "superlink: wakes a SuperNode when a message for it is stored"),
+    ("flwr.superlink.main", "_get_middleware", "lean_middleware: each layer only for the API it serves"),
+    ("flwr.superlink.routers.control.middlewares", "_is_control_path", "lean_middleware: the Control layers' test"),
     ("flwr.superlink.cli", "flwr_serverapp", "serverapp: the ServerApp process itself"),
     ("flwr.superlink.runtime.run_serverapp", "run_", "serverapp: hands the app the observing grid"),
     ("flwr.serverapp.strategy", "Strategy.start", "serverapp: the app's aggregates and central evaluation"),

@@ -136,6 +136,11 @@ def main() -> None:
     from flotilla.runtime.engine_tuning import slower_uvicorn_tick
 
     slower_uvicorn_tick()
+    from flotilla.runtime.lean_middleware import gate_superlink_middleware
+
+    if not gate_superlink_middleware():
+        print("flotilla: could not gate the SuperLink's middleware for this flwr version; it runs as shipped",
+              file=sys.stderr, flush=True)
     if os.environ.get("FLOTILLA_FORK_CLIENTAPPS", "1") != "0" and not use_flotilla_superexec():
         print("flotilla: could not host the ServerApp for this flwr version; it runs unobserved",
               file=sys.stderr, flush=True)
