@@ -31,7 +31,9 @@ from flotilla.runtime.preload import PRELOAD_ENV, READY_FILE_ENV, THREADS_ENV
 from flotilla.runtime.supernode import DEVICE_CLASS_ENV, DEVICE_ENV, NODE_FILE_ENV, WAKE_WRITE_FD_ENV
 from flotilla.runtime.zygote import ZYGOTE_ENV
 
-AGENT_POLL_S = 0.5  # how often the agent looks at its children and its owner's lease
+# The agent wakes when a child exits (SIGCHLD) or it is told to stop; otherwise only this often, to look at its
+# owner's lease (stale after lease.OWNER_TIMEOUT_S): an idle device's agent costs next to nothing.
+LEASE_CHECK_S = 2.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,13 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.trainer or args.preload_app:  # the trainer, or the preloading fork server, says when it is warm
             env[READY_FILE_ENV] = str(nodes / f"{args.name}.ready")
     children: list[tuple[str, subprocess.Popen | Forked]] = []
-    stopping = threading.Event()  # set by SIGTERM/SIGINT; the wait below wakes at once, not at its next poll
+    stopping = threading.Event()  # set by SIGTERM/SIGINT
+    look = threading.Event()  # set by those and by SIGCHLD: the wait below wakes at once, not at its next check
 
     def stop(*_):
         stopping.set()
+        look.set()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGCHLD, lambda *_: look.set())
 
     # short path (AF_UNIX paths are limited to 108 bytes), in the run's sockets dir where the target made one: it
     # goes at the end of the run even when this agent was killed before it could clean up
@@ -103,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flotilla device {args.name}: started (pids {[c.pid for _, c in children]})", flush=True)
         lease = os.environ.get(OWNER_LEASE_ENV)
         while not stopping.is_set():
+            look.clear()  # before looking: a child ending while we look wakes the next wait at once
             if owner_gone(lease):
                 print(f"flotilla device {args.name}: its driver is gone (lease {lease} stale); stopping",
                       file=sys.stderr, flush=True)
@@ -112,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"flotilla device {args.name}: {what} exited with code {c.returncode}", file=sys.stderr,
                           flush=True)
                     return c.returncode or 1
-            stopping.wait(AGENT_POLL_S)
+            look.wait(LEASE_CHECK_S)
         return 0
     finally:
         _end([c for _, c in children])

@@ -41,7 +41,7 @@ PULL_MAX_TRIES = 7200
 
 LOCAL_CHECK_S = 0.02  # the SuperNode's in-process checks (flwr: 0.5 s)
 LOCAL_CHECK_BELOW_S = 1.0  # flwr's in-process waits are 0.5 s; its network poll waits 3 s
-WAKE_FALLBACK_S = 10.0  # a SuperExec woken on each new task still polls this often (a missed wake-up)
+WAKE_FALLBACK_S = 30.0  # a SuperExec woken on each new task still polls this often (a missed wake-up)
 UVICORN_TICK_S = 1.0  # uvicorn's housekeeping tick (its default 0.1 s: ten wake-ups a second per idle server)
 WAKE_FD_ENV = "FLOTILLA_TASK_WAKE_FD"
 
@@ -119,6 +119,9 @@ class WakeableIdleTime(CappedSleepTime):
 
 WAKE_ENV = "FLOTILLA_WAKE_UDP"  # =1: the SuperLink wakes this machine's SuperNodes by UDP (local target)
 IDLE_POLL_ENV = "FLOTILLA_IDLE_POLL_S"
+# A woken SuperNode's fallback poll of the SuperLink (a missed wake-up): as often as its heartbeat. Each poll is
+# a signed request on a new connection (~8 ms of CPU); at 10 s they were a third of an idle device's CPU.
+IDLE_POLL_S = 30.0
 
 
 def poll_cap_s() -> float:
@@ -130,7 +133,7 @@ def wake_on_messages(idle_s: float | None = None):
     returns the socket's port (for the node file) or None where the loop is not found."""
     import socket
 
-    idle_s = float(os.environ.get(IDLE_POLL_ENV, "10.0")) if idle_s is None else idle_s
+    idle_s = float(os.environ.get(IDLE_POLL_ENV, str(IDLE_POLL_S))) if idle_s is None else idle_s
     try:
         import flwr.supernode.start_client_internal as sci
     except ImportError:
