@@ -14,6 +14,7 @@ even when a step in the middle fails.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -184,14 +185,20 @@ def swarm_cluster(n_workers: int = 2, images: list[str] | tuple[str, ...] = (),
             undo.callback(w.docker, "swarm", "leave", "--force", check=False, timeout=60)
             cluster.workers.append(w)
             log(f"worker {hostname} at {addr} joined")
-            for image in images:
-                t0 = time.time()
-                save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
-                _run(["docker", "-H", w.host, "load", "-q"], stdin=save.stdout, timeout=600)
-                save.stdout.close()
-                if save.wait() != 0:
-                    raise RuntimeError(f"docker save {image} failed")
-                log(f"image {image} loaded on {hostname} in {time.time() - t0:.0f} s")
+
+        def load(w: Worker, image: str) -> None:
+            t0 = time.time()
+            save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+            _run(["docker", "-H", w.host, "load", "-q"], stdin=save.stdout, timeout=600)
+            save.stdout.close()
+            if save.wait() != 0:
+                raise RuntimeError(f"docker save {image} failed")
+            log(f"image {image} loaded on {w.hostname} in {time.time() - t0:.0f} s")
+
+        # every worker loads at once: the loads wait on disk and on each dockerd, not on each other
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(cluster.workers))) as pool:
+            for f in [pool.submit(load, w, image) for w in cluster.workers for image in images]:
+                f.result()
 
         def all_ready():
             nodes = _run(["docker", "node", "ls", "--format", "{{json .}}"]).stdout.splitlines()

@@ -99,8 +99,10 @@ def make_wheelhouse(dest: Path, platforms: list[str] | None = None,
     reqs = _app_requirements(specs)
     flotilla_whl = build_flotilla_wheel(dest)
     t0 = time.time()
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--find-links", str(dest), "-w", str(dest), str(flotilla_whl)],
-         "collecting dependency wheels")
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--find-links", str(dest), "-w", str(dest), str(flotilla_whl)]
+    # From the wheelhouse alone when it already has everything: seconds, not a walk of the index (a re-run, CI)
+    if subprocess.run([*cmd, "--no-index"], capture_output=True).returncode != 0:
+        _run(cmd, "collecting dependency wheels")
     host = host_platform()
     for plat in platforms or []:
         if plat not in PIP_PLATFORMS and plat != host:
