@@ -87,3 +87,24 @@ def test_superexec_uses_the_fork_server_executor():
         "print(type(e).__name__, fs._forkserver._forkserver_pid is not None); e.close()"
     )
     assert out == "FlotillaExecutor True"
+
+
+def test_uvicorn_keeps_idle_connections_past_the_clients_pool_expiry():
+    """A server closing a kept-alive connection just as a client reuses it makes flwr retry a push (a new push
+    session, the reply lost): the servers must hold idle connections longer than httpx's pool keeps them."""
+    import subprocess
+    import sys
+
+    code = (
+        "import httpx, uvicorn\n"
+        "from flotilla.runtime.keep_alive import KEEP_ALIVE_S, longer_keep_alive\n"
+        "assert longer_keep_alive() and longer_keep_alive()\n"
+        "c = uvicorn.Config(app=None)\n"
+        "assert c.timeout_keep_alive == KEEP_ALIVE_S, c.timeout_keep_alive\n"
+        "assert uvicorn.Config(app=None, timeout_keep_alive=3).timeout_keep_alive == 3  # a caller's own value stands\n"
+        "expiry = httpx.Limits().keepalive_expiry\n"
+        "assert KEEP_ALIVE_S >= 10 * expiry, (KEEP_ALIVE_S, expiry)\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "ok", res.stderr

@@ -136,6 +136,10 @@ def main() -> None:
     from flotilla.runtime.engine_tuning import slower_uvicorn_tick
 
     slower_uvicorn_tick()
+    from flotilla.runtime.keep_alive import longer_keep_alive
+
+    if not longer_keep_alive():
+        print("flotilla: could not lengthen the SuperLink's keep-alive for this uvicorn", file=sys.stderr, flush=True)
     from flotilla.runtime.lean_middleware import gate_superlink_middleware
 
     if not gate_superlink_middleware():

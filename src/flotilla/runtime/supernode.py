@@ -114,6 +114,8 @@ def _warn(what: str) -> None:
 
 
 def main() -> None:
+    from flotilla.runtime.keep_alive import longer_keep_alive
+
     wake_port = None
     if os.environ.get(engine_tuning.WAKE_ENV) == "1":
         wake_port = engine_tuning.wake_on_messages()
@@ -131,6 +133,8 @@ def main() -> None:
         _warn("could not reuse the SuperNode's built API app")
     if not engine_tuning.slower_uvicorn_tick():
         _warn("could not slow uvicorn's idle tick")
+    if not longer_keep_alive():
+        _warn("could not lengthen uvicorn's keep-alive")
     if os.environ.get(WAKE_WRITE_FD_ENV, "").isdigit():  # its SuperExec was forked beside it (shared fleet)
         if engine_tuning.wake_superexec_on_tasks():
             engine_tuning.wake_pipe_from(int(os.environ[WAKE_WRITE_FD_ENV]))
