@@ -3,14 +3,15 @@
 flwr 1.42's servers (the SuperLink; each SuperNode's runtime API) run uvicorn with
 its 5 s keep-alive timeout, and its clients (httpx) keep idle connections for
 5 s too. A client that reuses a connection just as the server closes it gets
-"Server disconnected without sending a response" and flwr retries the call;
-for a reply's push-messages the retry opens a new push session, the objects
-pushed under the first are refused ("the push session may have expired or
-been replaced") and the ServerApp waits for that session to expire before it
-gives up on the reply: a 50-device round on a loaded machine took 219 s instead
-of ~50 s. A device's connection idles about as long as it trains, so the race
-is met every round. With the server holding idle connections for KEEP_ALIVE_S,
-the client's pool always drops them first.
+"Server disconnected without sending a response" and flwr retries the call.
+Seen on a loaded machine at 50 devices: a reply's push was retried, its objects
+were then refused ("the push session may have expired or been replaced") and
+the ServerApp waited for that session to expire before it gave up on the reply
+(a 219 s round instead of ~60 s). This race is the likely cause (the retried
+exception is only logged at DEBUG); with the fix no reply was lost at 50 and
+100 devices. A device's connection idles about as long as it trains, so the
+race is met every round. With the server holding idle connections for
+KEEP_ALIVE_S, the client's pool always drops them first.
 """
 
 from __future__ import annotations
