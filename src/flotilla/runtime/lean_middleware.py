@@ -20,6 +20,8 @@ mapping) run for every request as shipped.
 
 from __future__ import annotations
 
+from starlette.datastructures import URL
+
 # middleware class name -> the path prefix its dispatch acts on (flwr 1.42: `_is_control_path` tests
 # "/v1/control/"; NodeAuthMiddleware and FleetEventLogMiddleware test "/v1/fleet/" before anything else)
 CONTROL, FLEET = "/v1/control/", "/v1/fleet/"
@@ -49,8 +51,6 @@ class PathGate:
 
 
 def _path(scope) -> str:
-    from starlette.datastructures import URL
-
     return URL(scope=scope).path  # exactly what the layer's own test reads (`request.url.path`)
 
 
