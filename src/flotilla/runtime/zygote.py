@@ -219,6 +219,14 @@ def main() -> None:
     ap.add_argument("--preload-app")
     ap.add_argument("--builtin", action="store_true")
     args = ap.parse_args()
+    from flotilla.contracts import OWNER_LEASE_ENV
+    from flotilla.runtime.lease import watch_owner
+
+    def owner_gone() -> None:  # the driver died unannounced: its forks stop themselves, and so does this
+        print("flotilla zygote: the run's driver is gone (its lease went stale); exiting", flush=True)
+        os._exit(0)
+
+    watch_owner(os.environ.get(OWNER_LEASE_ENV), owner_gone)
     t0 = time.perf_counter()
     warm(args.preload_app, args.builtin)
     print(f"flotilla zygote: warm in {time.perf_counter() - t0:.1f} s", flush=True)
