@@ -9,15 +9,19 @@ Per fleet size:
     share of the SuperLink's), teardown time, anything left;
   - run phase (`flotilla run`, policy none): start-up to round 1, each round's
     wall time vs the slowest device's training time (the overhead is the
-    rest), final accuracy, peak memory used (MemTotal - MemAvailable, from the
+    rest), where each round's CPU went (devices, SuperLink, ServerApp; per
+    device exchange; the machine's busy share), final accuracy, peak memory used (MemTotal - MemAvailable, from the
     kernel, above what was used before) and PSS per device (every process of
     the run, from /proc/*/smaps_rollup, over the device count).
-The baseline is today's layout without sharing (every device its own Pythons)
-at the sizes it reaches. Goals at 100 devices: completes; <= 150 MB PSS per
-device; idle CPU <= 0.2 % of a core per device; start-up <= 30 s and teardown
-<= 5 s; round overhead within 2x of the 10-device overhead.
+The baseline is the layout without sharing (every device its own Pythons)
+at the sizes it reaches; "per-object" is the shared layout with flwr's one
+request per object instead of Flotilla's batches (FLOTILLA_OBJECT_BATCHES=0).
+Goals at 100 devices: completes; <= 150 MB PSS per device; idle CPU <= 0.2 %
+of a core per device; start-up <= 30 s and teardown <= 5 s; round overhead
+within 2x of the 10-device overhead.
 
-    .venv/bin/python bench/fleet_density.py [--sizes 10,25,50,100] [--baseline-sizes 10,25] [--json]
+    .venv/bin/python bench/fleet_density.py [--sizes 10,25,50,100] [--baseline-sizes 10,25]
+                                            [--per-object-sizes 10] [--json]
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import cgroups_of, processes_of  # noqa: E402
+from flotilla.runtime.object_batches import ENABLE_ENV  # noqa: E402
 
 CLASSES = [(0.05, "a"), (0.1, "b"), (0.15, "c"), (0.2, "d"), (0.25, "e")]  # the same spread of CPU quotas
 MEMORY = "512m"
@@ -81,26 +86,75 @@ def pss_of(run_dir: Path) -> int:
     return total
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat (idle and iowait are not busy)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    tck = os.sysconf("SC_CLK_TCK")
+    return (sum(v) - v[3] - v[4]) / tck, sum(v) / tck
+
+
 class Sampler:
-    """Peak memory used and peak PSS of the run, sampled every half second."""
+    """Peak memory used and peak PSS of the run, sampled every half second; every second, where the CPU went
+    (the machine, the devices' cgroups, the SuperLink, the ServerApp) for `round_cpu`."""
 
     def __init__(self, run_dir_fn) -> None:
         self.base = mem_used()
         self.peak_used = self.peak_pss = 0
+        self.cpu: list[dict] = []  # {"t", "busy", "total", "devices", "superlink", "serverapp"} cumulative
         self._fn, self._stop = run_dir_fn, threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
 
     def _loop(self) -> None:
+        tick = 0
         while not self._stop.wait(0.5):
             self.peak_used = max(self.peak_used, mem_used() - self.base)
             d = self._fn()
             if d is not None:
                 self.peak_pss = max(self.peak_pss, pss_of(d))
+                tick += 1
+                if tick % 2 == 0:
+                    self._sample_cpu(d)
+
+    def _sample_cpu(self, run_dir: Path) -> None:
+        from flotilla.runs import RunRecord
+
+        run = RunRecord(run_dir)
+        st = run.state()
+        busy, total = machine_cpu()
+        row = {"t": time.time(), "busy": busy, "total": total,
+               "devices": cpu_seconds(run, [n for n in st.get("cgroups", {}) if n != "superlink"])}
+        for name, pid in (("superlink", st.get("groups", {}).get("superlink")),
+                          ("serverapp", _read_pid(run_dir / "serverapp.pid"))):
+            try:
+                row[name] = proc_cpu(int(pid)) if pid else None
+            except (OSError, ValueError):
+                row[name] = None
+        self.cpu.append(row)
 
     def stop(self) -> None:
         self._stop.set()
         self._t.join(5)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def round_cpu(samples: list[dict], t_start: float, t_end: float) -> dict | None:
+    """CPU seconds spent in [t_start, t_end] by the devices, the SuperLink, the ServerApp, and the machine's
+    busy share (1.0: every core busy), from the samples nearest each end."""
+    inside = [r for r in samples if t_start - 1.0 <= r["t"] <= t_end + 1.0]
+    if len(inside) < 2:
+        return None
+    a, b = inside[0], inside[-1]
+    out = {"machine_busy": round((b["busy"] - a["busy"]) / max(b["total"] - a["total"], 1e-9), 3)}
+    for k in ("devices", "superlink", "serverapp"):
+        out[k] = round(b[k] - a[k], 2) if a.get(k) is not None and b.get(k) is not None else None
+    return out
 
 
 def cpu_seconds(run, names: list[str]) -> float:
@@ -193,6 +247,12 @@ def run_phase(n: int, shared: bool, rounds: int, work: Path) -> dict:
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [r for r in rows if r.get("round", 0) >= 1]
     walls = [r["wall_s"] for r in rows]
+    timed = [(c, r) for c, r in ((round_cpu(sampler.cpu, r["t_start"], r["t_end"]), r) for r in rows) if c]
+    cpu = [c for c, _ in timed]
+    med = lambda k: round(statistics.median([c[k] for c in cpu if c.get(k) is not None]), 3) \
+        if any(c.get(k) is not None for c in cpu) else None  # noqa: E731
+    per_exchange = [sum(c[k] or 0.0 for k in ("devices", "superlink", "serverapp")) / max(len(r["devices"]), 1)
+                    for c, r in timed]
     slowest = [max((d.get("train_s") or 0.0) for d in r["devices"]) if r["devices"] else 0.0 for r in rows]
     out |= {
         "status": s["status"], "rounds": len(rows), "final_accuracy": s["final_accuracy"],
@@ -200,6 +260,10 @@ def run_phase(n: int, shared: bool, rounds: int, work: Path) -> dict:
         "median_round_s": round(statistics.median(walls), 3) if walls else None,
         "median_slowest_train_s": round(statistics.median(slowest), 3) if slowest else None,
         "median_overhead_s": round(statistics.median([w - t for w, t in zip(walls, slowest)]), 3) if walls else None,
+        # where a round's CPU went: when machine_busy is near 1.0 the round is as long as its CPU / the cores
+        "round_cpu_s": {k: med(k) for k in ("devices", "superlink", "serverapp")},
+        "round_machine_busy": med("machine_busy"),
+        "cpu_s_per_exchange": round(statistics.median(per_exchange), 3) if per_exchange else None,
         "peak_mem_used_mb": round(sampler.peak_used / 2**20),
         "pss_mb_per_device": round(sampler.peak_pss / 2**20 / n, 1),
         "devices_trained_last_round": sum(d.get("status") == "ok" for d in rows[-1]["devices"]) if rows else 0,
@@ -213,31 +277,39 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="10,25,50,100")
     ap.add_argument("--baseline-sizes", default="10,25", help="today's layout (no sharing); '' to skip")
+    ap.add_argument("--per-object-sizes", default="10",
+                    help="shared, but flwr's one request per object (FLOTILLA_OBJECT_BATCHES=0); '' to skip")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     base_sizes = [int(x) for x in args.baseline_sizes.split(",") if x]
+    per_object_sizes = [int(x) for x in args.per_object_sizes.split(",") if x]
     results = []
     with tempfile.TemporaryDirectory(prefix="flotilla-density-") as tmp:
-        for shared, group in ((True, sizes), (False, base_sizes)):
+        for layout, shared, group in (("shared", True, sizes), ("per-object", True, per_object_sizes),
+                                      ("baseline", False, base_sizes)):
             for n in group:
-                work = Path(tmp) / f"{n}-{'shared' if shared else 'base'}"
+                work = Path(tmp) / f"{n}-{layout}"
                 work.mkdir()
-                print(f"{n} devices ({'shared' if shared else 'baseline'}): idle phase...", file=sys.stderr,
-                      flush=True)
-                row = {"devices": n, "layout": "shared" if shared else "baseline"}
+                print(f"{n} devices ({layout}): idle phase...", file=sys.stderr, flush=True)
+                row = {"devices": n, "layout": layout}
+                if layout == "per-object":  # every process of the fleet inherits it
+                    os.environ[ENABLE_ENV] = "0"
                 try:
                     row |= idle_phase(n, shared, work)
                     print(f"{n} devices: run phase...", file=sys.stderr, flush=True)
                     row |= run_phase(n, shared, args.rounds, work)
                 except Exception as err:  # noqa: BLE001 - a size that cannot run is a result too
                     row["error"] = f"{type(err).__name__}: {err}"
+                finally:
+                    os.environ.pop(ENABLE_ENV, None)
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     cols = [("devices", 8), ("layout", 9), ("up_s", 7), ("startup_to_round1_s", 10), ("median_round_s", 9),
             ("median_overhead_s", 10), ("pss_mb_per_device", 9), ("peak_mem_used_mb", 9),
-            ("idle_cpu_pct_per_device", 9), ("teardown_s", 9), ("final_accuracy", 9), ("status", 10)]
+            ("idle_cpu_pct_per_device", 9), ("cpu_s_per_exchange", 9), ("round_machine_busy", 9),
+            ("teardown_s", 9), ("final_accuracy", 9), ("status", 10)]
     print("\n" + "".join(f"{c[:c_w - 1]:>{c_w}}" for c, c_w in cols))
     for r in results:
         print("".join(f"{str(r.get(c, '-'))[:w - 1]:>{w}}" for c, w in cols))

@@ -72,3 +72,12 @@ def test_a_late_reply_that_is_slow_to_pull_does_not_hold_up_later_rounds():
     finally:
         grid.close()
     assert not grid._puller.is_alive()
+
+
+def test_the_pull_pause_grows_with_the_replies_pending_and_is_short_for_the_last():
+    from flotilla.strategy.grid import POLL_CAP_S, poll_pause
+
+    assert poll_pause(0.1, 1) < 0.12  # the round's last reply is noticed at once
+    assert poll_pause(0.1, 10) < poll_pause(0.1, 50) <= POLL_CAP_S
+    assert poll_pause(0.1, 1000) == POLL_CAP_S
+    assert poll_pause(2.0, 5) == 2.0  # never shorter than asked

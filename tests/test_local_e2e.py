@@ -56,6 +56,8 @@ def test_run_two_devices_two_rounds(job_file, tmp_path):
     # ClientApps were forks of the warm process, and every latency patch applied (none fell back)
     assert "ClientApps start as forks of a warm process" in lg.stdout
     assert "as shipped" not in lg.stdout and "starting flwr-clientapp instead" not in lg.stdout
+    for log in (lg.stdout, run.log_path("superlink").read_text()):
+        assert "request of its own" not in log and "HTTP/1.1\" 404" not in log  # objects moved in batches
 
     assert processes_of(run.dir) == []
     assert cgroups_of(s["run_id"]) == []

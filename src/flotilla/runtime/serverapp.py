@@ -220,6 +220,12 @@ def make_observer() -> Observer:
                     policy=os.environ.get(contracts.POLICY_ENV, ""), exporter=exporter)
 
 
+def batch_objects_if_enabled() -> bool:
+    from flotilla.runtime import object_batches
+
+    return not object_batches.enabled() or object_batches.batch_objects()
+
+
 def main() -> None:
     global _active
     from flotilla.runtime.engine_tuning import shorten_pull_backoff
@@ -248,7 +254,8 @@ def main() -> None:
     for ok, what in ((wrap_grid(observer), "observe the app's grid"),
                      (hook_strategy_loop(observer), "observe Flower's strategy loop"),
                      (hook_legacy_history(observer), "observe the legacy server loop"),
-                     (shorten_pull_backoff(), "shorten the reply pull back-off")):
+                     (shorten_pull_backoff(), "shorten the reply pull back-off"),
+                     (batch_objects_if_enabled(), "batch the replies' object pulls")):
         if not ok:
             print(f"flotilla: could not {what} for this flwr version; running it as shipped", file=sys.stderr,
                   flush=True)

@@ -62,6 +62,10 @@ def run_clientapp_task(address: str, token: str, insecure: bool, root_certificat
     from flotilla.runtime.stamp import stamp_replies
 
     shorten_pull_backoff()  # the task's message arrays may still be on their way to the SuperNode
+    from flotilla.runtime import object_batches
+
+    if object_batches.enabled():
+        object_batches.batch_objects()  # flwr's per-object requests where it cannot (it says nothing: a fork)
     stamp_replies(launched_at)
     check_before_load()
     set_threads()

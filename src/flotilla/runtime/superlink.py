@@ -133,6 +133,16 @@ def main() -> None:
         if not wake_supernodes(Path(os.environ[RECORD_DIR_ENV]) / "nodes"):
             print("flotilla: could not wake SuperNodes on new messages for this flwr version; they poll",
                   file=sys.stderr, flush=True)
+    from flotilla.runtime.whole_replies import list_whole_replies_only
+
+    if not list_whole_replies_only():
+        print("flotilla: could not hold replies until their objects are in for this flwr version; the ServerApp "
+              "retries its pulls", file=sys.stderr, flush=True)
+    from flotilla.runtime import object_batches
+
+    if object_batches.enabled(serving=True) and not object_batches.serve_batches_superlink():
+        print("flotilla: could not serve batched object transfers for this flwr version; each object is a request "
+              "of its own", file=sys.stderr, flush=True)
     from flotilla.runtime.engine_tuning import slower_uvicorn_tick
 
     slower_uvicorn_tick()

@@ -131,6 +131,12 @@ def main() -> None:
         _warn("could not report the node id")
     if not engine_tuning.reuse_built_supernode_app():
         _warn("could not reuse the SuperNode's built API app")
+    from flotilla.runtime import object_batches
+
+    if object_batches.enabled(serving=True) and not object_batches.serve_batches_supernode():
+        _warn("could not serve batched object transfers; each object is a request of its own")
+    if object_batches.enabled() and not object_batches.batch_objects():
+        _warn("could not batch object transfers; each object is a request of its own")
     if not engine_tuning.slower_uvicorn_tick():
         _warn("could not slow uvicorn's idle tick")
     if not longer_keep_alive():

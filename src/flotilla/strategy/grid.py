@@ -1,9 +1,10 @@
 """A Grid wrapper that waits for replies the way a small fleet needs.
 
 Flower's HttpGrid.send_and_receive sleeps 3 s between pulls, which adds up
-to 3 s to every round. This wrapper pulls every `poll_s` through the public
-Grid API (push_messages / pull_messages), gives up on messages to devices
-the driver reported lost, and can stop waiting at a round deadline.
+to 3 s to every round. This wrapper pulls every `poll_s` (longer while
+many replies are pending) through the public Grid API (push_messages /
+pull_messages), gives up on messages to devices the driver reported lost,
+and can stop waiting at a round deadline.
 
 A message given up on at the deadline is not forgotten: its device is still
 working on it. It stays `outstanding` (the device counts as busy, so the
@@ -29,6 +30,15 @@ from pathlib import Path
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+# Each pull is a request the one SuperLink serves and carries every pending id: with many replies pending,
+# one arriving a little later costs nothing, so the pause grows with them (100 pending: 1 s; the last: poll_s).
+POLL_PER_PENDING_S = 0.01
+POLL_CAP_S = 1.0
+
+
+def poll_pause(poll_s: float, pending: int) -> float:
+    return max(poll_s, min(POLL_CAP_S, poll_s + POLL_PER_PENDING_S * pending))
 
 
 @dataclass(frozen=True)
@@ -175,7 +185,7 @@ class FleetGrid:
                 if gone:
                     self._abandon(gone, dst, "lost")
                     pending -= gone
-            time.sleep(self.poll_s)
+            time.sleep(poll_pause(self.poll_s, len(pending)))
         return replies
 
     def _forget_lost(self) -> None:
