@@ -48,6 +48,12 @@ from flotilla.runtime.object_batches import ENABLE_ENV  # noqa: E402
 CLASSES = [(0.05, "a"), (0.1, "b"), (0.15, "c"), (0.2, "d"), (0.25, "e")]  # the same spread of CPU quotas
 MEMORY = "512m"
 IDLE_S = 10.0
+# PSS is read from every process's smaps_rollup, which walks its page tables: at 100 devices (~600 processes
+# with torch mapped) one pass took 3.5-3.7 s of CPU. Sampled all run long it took a core from the fleet being
+# measured (100-device rounds of 37 s, against 16-19 s unsampled). So PSS is sampled (every 5 s) from start-up
+# through round 1 only: the fleet complete, warm and training; the round figures are those of the later
+# rounds, which nothing of the bench's disturbs (its CPU per round is reported: bench_cpu_s).
+PSS_EVERY = 10  # half-second ticks
 
 
 def job_doc(n: int, shared: bool, rounds: int, runs_dir: Path) -> dict:
@@ -94,10 +100,11 @@ def machine_cpu() -> tuple[float, float]:
 
 
 class Sampler:
-    """Peak memory used and peak PSS of the run, sampled every half second; every second, where the CPU went
+    """Peak memory used (every half second) and peak PSS (every PSS_EVERY ticks) of the run; every second, where the CPU went
     (the machine, the devices' cgroups, the SuperLink, the ServerApp) for `round_cpu`."""
 
     def __init__(self, run_dir_fn) -> None:
+        self.pss_done = False  # set once round 2 starts: from then on the fleet is measured undisturbed
         self.base = mem_used()
         self.peak_used = self.peak_pss = 0
         self.cpu: list[dict] = []  # {"t", "busy", "total", "devices", "superlink", "serverapp"} cumulative
@@ -110,11 +117,16 @@ class Sampler:
         while not self._stop.wait(0.5):
             self.peak_used = max(self.peak_used, mem_used() - self.base)
             d = self._fn()
-            if d is not None:
+            if d is None:
+                continue
+            tick += 1
+            if tick % 2 == 0:
+                self._sample_cpu(d)
+            if not self.pss_done and (d / "round_starts.jsonl").exists() and \
+                    len((d / "round_starts.jsonl").read_text().splitlines()) >= 2:
+                self.pss_done = True
+            if tick % PSS_EVERY == 1 and not self.pss_done:
                 self.peak_pss = max(self.peak_pss, pss_of(d))
-                tick += 1
-                if tick % 2 == 0:
-                    self._sample_cpu(d)
 
     def _sample_cpu(self, run_dir: Path) -> None:
         from flotilla.runs import RunRecord
@@ -122,7 +134,7 @@ class Sampler:
         run = RunRecord(run_dir)
         st = run.state()
         busy, total = machine_cpu()
-        row = {"t": time.time(), "busy": busy, "total": total,
+        row = {"t": time.time(), "busy": busy, "total": total, "bench": time.process_time(),
                "devices": cpu_seconds(run, [n for n in st.get("cgroups", {}) if n != "superlink"])}
         for name, pid in (("superlink", st.get("groups", {}).get("superlink")),
                           ("serverapp", _read_pid(run_dir / "serverapp.pid"))):
@@ -152,7 +164,7 @@ def round_cpu(samples: list[dict], t_start: float, t_end: float) -> dict | None:
         return None
     a, b = inside[0], inside[-1]
     out = {"machine_busy": round((b["busy"] - a["busy"]) / max(b["total"] - a["total"], 1e-9), 3)}
-    for k in ("devices", "superlink", "serverapp"):
+    for k in ("devices", "superlink", "serverapp", "bench"):
         out[k] = round(b[k] - a[k], 2) if a.get(k) is not None and b.get(k) is not None else None
     return out
 
@@ -246,6 +258,7 @@ def run_phase(n: int, shared: bool, rounds: int, work: Path) -> dict:
         if (run_dir / "round_starts.jsonl").exists() else []
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     rows = [r for r in rows if r.get("round", 0) >= 1]
+    rows = [r for r in rows if r["round"] >= 2] or rows  # round 1 had PSS sampled alongside (see PSS_EVERY)
     walls = [r["wall_s"] for r in rows]
     timed = [(c, r) for c, r in ((round_cpu(sampler.cpu, r["t_start"], r["t_end"]), r) for r in rows) if c]
     cpu = [c for c, _ in timed]
@@ -262,6 +275,8 @@ def run_phase(n: int, shared: bool, rounds: int, work: Path) -> dict:
         "median_overhead_s": round(statistics.median([w - t for w, t in zip(walls, slowest)]), 3) if walls else None,
         # where a round's CPU went: when machine_busy is near 1.0 the round is as long as its CPU / the cores
         "round_cpu_s": {k: med(k) for k in ("devices", "superlink", "serverapp")},
+        "bench_cpu_s_per_round": med("bench"),
+        "rounds_timed": [r["round"] for r in rows],
         "round_machine_busy": med("machine_busy"),
         "cpu_s_per_exchange": round(statistics.median(per_exchange), 3) if per_exchange else None,
         "peak_mem_used_mb": round(sampler.peak_used / 2**20),
