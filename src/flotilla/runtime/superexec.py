@@ -65,7 +65,7 @@ def run_clientapp_task(address: str, token: str, insecure: bool, root_certificat
     from flotilla.runtime import object_batches
 
     if object_batches.enabled():
-        object_batches.batch_objects()  # flwr's per-object requests where it cannot (it says nothing: a fork)
+        object_batches.batch_objects()  # where it cannot, flwr's per-object requests (a fork has nowhere to warn)
     stamp_replies(launched_at)
     check_before_load()
     set_threads()
