@@ -210,6 +210,14 @@ def serve_batches_superlink() -> bool:
     return True
 
 
+def _with_runtime_routes(app):
+    """The SuperNode's app with the batch routes, added once."""
+    if not getattr(app.state, "flotilla_batches", False):
+        app.include_router(runtime_router("SuperNode"))
+        app.state.flotilla_batches = True
+    return app
+
+
 def serve_batches_supernode() -> bool:
     """The SuperNode's runtime API (its ClientApps') gets the batch routes: the app flwr built at import and
     any it builds later."""
@@ -223,22 +231,14 @@ def serve_batches_supernode() -> bool:
     if getattr(shipped, "_flotilla_batches", False):
         return True
     _register_request_types()
-    if built is not None and not getattr(built.state, "flotilla_batches", False):
-        built.include_router(runtime_router("SuperNode"))
-        built.state.flotilla_batches = True
+    if built is not None:
+        _with_runtime_routes(built)
 
-    @functools.wraps(shipped)
+    @functools.wraps(shipped)  # copies engine_tuning's marker too: its wrapper is inside this one
     def create_app(*args, **kwargs):
-        app = shipped(*args, **kwargs)
-        if not getattr(app.state, "flotilla_batches", False):
-            app.include_router(runtime_router("SuperNode"))
-            app.state.flotilla_batches = True
-        return app
+        return _with_runtime_routes(shipped(*args, **kwargs))
 
     create_app._flotilla_batches = True
-    for attr in ("_flotilla",):  # keep engine_tuning's marker: its wrapper is inside this one
-        if hasattr(shipped, attr):
-            setattr(create_app, attr, getattr(shipped, attr))
     snmain.create_app = create_app
     return True
 
