@@ -12,6 +12,9 @@ $(BIN)/flotilla: pyproject.toml
 	touch $(BIN)/flotilla
 
 install: $(BIN)/flotilla
+	# bytecode for the editable source, also where PYTHONDONTWRITEBYTECODE is set: every process of a fleet
+	# would compile the modules it imports again (pip does this for installed packages)
+	$(BIN)/python -m compileall -q src >/dev/null
 
 demo: install
 	$(BIN)/flotilla run examples/mnist.yaml

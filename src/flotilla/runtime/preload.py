@@ -128,7 +128,9 @@ def reseed() -> None:
         sys.modules["numpy"].random.seed()
     if "torch" in sys.modules:
         try:
-            sys.modules["torch"].seed()
+            # the CPU generator only: torch.seed() also queues a lazy seed for each accelerator backend, each
+            # capturing a traceback that reads source files (~7% of a ClientApp fork's CPU); a fork uses no GPU
+            sys.modules["torch"].default_generator.seed()
         except Exception:  # noqa: BLE001
             pass
 

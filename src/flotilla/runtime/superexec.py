@@ -37,6 +37,7 @@ PRELOAD = [
     "flwr.supercore.tls",
     "flotilla.runtime.stamp",
     "flotilla.runtime.superexec",
+    "flotilla.runtime.object_batches",
 ]
 BUILTIN_PRELOAD = "flotilla.app.client_app"
 FORK_ENV = "FLOTILLA_FORK_CLIENTAPPS"
