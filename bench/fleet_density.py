@@ -212,6 +212,9 @@ def idle_phase(n: int, shared: bool, work: Path) -> dict:
                 ready = sum((run.dir / "nodes" / f"{d}.ready").exists() for d in names)
                 if len(ctl.online_nodes()) >= n and ready >= n:
                     break
+                if dead := [d for d, s in target.device_states(run).items() if s == "exited"]:
+                    raise RuntimeError(f"device {dead[0]} exited while starting (no supervisor restarts it in "
+                                       f"this phase); see {run.log_path(dead[0])}")
                 if time.time() - t0 > 900:
                     raise TimeoutError(f"{n} devices not up in 900 s")
                 time.sleep(0.25)

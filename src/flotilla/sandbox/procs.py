@@ -21,7 +21,38 @@ class ProcessError(FlotillaError):
     pass
 
 
+LISTEN_PORTS_FLOOR = 20000  # listening ports are drawn from here up to the kernel's ephemeral range
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port() -> int:
+    """A loopback port free now, for a server that binds it a moment later.
+
+    Not from the kernel's ephemeral range (what `bind(0)` hands out): every
+    outgoing connection also takes a port from there, and a fleet of a hundred
+    devices makes thousands of them, so a port found free could be taken
+    before its server bound it (seen: a SuperNode's runtime API failed with
+    "address already in use"). Below that range only listeners take ports.
+    """
+    import random
+
+    lo, _ = _ephemeral_range()
+    if lo - 1 > LISTEN_PORTS_FLOOR:
+        for _ in range(64):
+            port = random.randint(LISTEN_PORTS_FLOOR, lo - 1)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
