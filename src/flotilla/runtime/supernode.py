@@ -2,8 +2,9 @@
 
 Runs the unmodified SuperNode after engine_tuning's patches: its idle poll
 (3 s) capped at FLOTILLA_POLL_S (default 0.2 s; pulls are small HTTP requests
-to the SuperLink), its in-process reply checks (0.5 s) at 20 ms, and object
-pulls retried after 50 ms instead of 1 s. The SuperNode starts its SuperExec
+to the SuperLink), its in-process reply checks (0.5 s) at 20 ms, object
+pulls retried after 50 ms instead of 1 s, and its runtime API's handlers run
+on its event loop (inline_handlers). The SuperNode starts its SuperExec
 as `flower-superexec ARGS`; here that becomes `python -m
 flotilla.runtime.superexec ARGS`, whose ClientApps are forks of a warm
 process and which sleeps until the SuperNode wakes it through a pipe on each
@@ -137,6 +138,10 @@ def main() -> None:
         _warn("could not serve batched object transfers; each object is a request of its own")
     if object_batches.enabled() and not object_batches.batch_objects():
         _warn("could not batch object transfers; each object is a request of its own")
+    from flotilla.runtime.inline_handlers import run_supernode_handlers_inline
+
+    if not run_supernode_handlers_inline():
+        _warn("could not run the runtime API's handlers on its event loop")
     if not engine_tuning.slower_uvicorn_tick():
         _warn("could not slow uvicorn's idle tick")
     if not longer_keep_alive():
