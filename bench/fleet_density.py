@@ -213,8 +213,9 @@ def idle_phase(n: int, shared: bool, work: Path) -> dict:
                 if len(ctl.online_nodes()) >= n and ready >= n:
                     break
                 if dead := [d for d, s in target.device_states(run).items() if s == "exited"]:
+                    tail = run.log_path(dead[0]).read_text(errors="replace").strip().splitlines()[-3:]
                     raise RuntimeError(f"device {dead[0]} exited while starting (no supervisor restarts it in "
-                                       f"this phase); see {run.log_path(dead[0])}")
+                                       f"this phase): {' | '.join(tail)}")
                 if time.time() - t0 > 900:
                     raise TimeoutError(f"{n} devices not up in 900 s")
                 time.sleep(0.25)

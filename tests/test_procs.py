@@ -14,7 +14,8 @@ def test_listening_ports_come_from_below_the_ephemeral_range_and_bind():
             s.bind(("127.0.0.1", 0))
         taken = {s.getsockname()[1] for s in held}
         assert all(lo <= p <= hi for p in taken)
-        ports = [free_port() for _ in range(50)]
+        ports = [free_port() for _ in range(500)]  # a big fleet's worth, none bound yet
+        assert len(set(ports)) == len(ports)  # never the same port twice
         assert all(p < lo for p in ports), ports
         assert not taken & set(ports)
         for p in set(ports):

@@ -22,6 +22,7 @@ class ProcessError(FlotillaError):
 
 
 LISTEN_PORTS_FLOOR = 20000  # listening ports are drawn from here up to the kernel's ephemeral range
+_HANDED_OUT: set[int] = set()  # by this process: its servers may not have bound them yet
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -32,30 +33,43 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def free_port() -> int:
-    """A loopback port free now, for a server that binds it a moment later.
+    """A loopback port free now, for a server that binds it a moment later; never the same one twice.
 
     Not from the kernel's ephemeral range (what `bind(0)` hands out): every
     outgoing connection also takes a port from there, and a fleet of a hundred
     devices makes thousands of them, so a port found free could be taken
     before its server bound it (seen: a SuperNode's runtime API failed with
-    "address already in use"). Below that range only listeners take ports.
+    "address already in use"). Below that range only listeners take ports,
+    and the ones this process handed out are remembered: a hundred random
+    draws would otherwise repeat one about a third of the time (seen too).
     """
     import random
 
     lo, _ = _ephemeral_range()
     if lo - 1 > LISTEN_PORTS_FLOOR:
-        for _ in range(64):
+        for _ in range(256):
             port = random.randint(LISTEN_PORTS_FLOOR, lo - 1)
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
+            if port not in _HANDED_OUT and _bindable(port):
+                _HANDED_OUT.add(port)
                 return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for _ in range(64):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise ProcessError("no free loopback port found for a server of the fleet")
 
 
 def wait_port(port: int, proc: subprocess.Popen | None, timeout: float, what: str, log: Path) -> None:
