@@ -9,11 +9,11 @@ import httpx, uvicorn
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supernode.main import create_app
 from flwr.supernode.nodestate import NodeStateFactory
-from flotilla.runtime.inline_handlers import run_supernode_handlers_inline
+from flotilla.runtime.inline_handlers import run_handlers_inline
 from flotilla.sandbox.procs import free_port
 
 if sys.argv[1] == "inline":
-    assert run_supernode_handlers_inline()
+    assert run_handlers_inline()
 port = free_port()
 app = create_app(state_factory=NodeStateFactory(objectstore_factory=ObjectStoreFactory()))
 server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))

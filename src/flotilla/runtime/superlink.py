@@ -155,6 +155,12 @@ def main() -> None:
     if not gate_superlink_middleware():
         print("flotilla: could not gate the SuperLink's middleware for this flwr version; it runs as shipped",
               file=sys.stderr, flush=True)
+    from flotilla.runtime.inline_handlers import run_handlers_inline
+
+    # state in memory (no --database): no handler waits for a lock
+    if not any(a.startswith("--database") for a in sys.argv) and not run_handlers_inline():
+        print("flotilla: could not run the SuperLink's handlers on its event loop for this flwr version",
+              file=sys.stderr, flush=True)
     if os.environ.get("FLOTILLA_FORK_CLIENTAPPS", "1") != "0" and not use_flotilla_superexec():
         print("flotilla: could not host the ServerApp for this flwr version; it runs unobserved",
               file=sys.stderr, flush=True)

@@ -138,9 +138,9 @@ def main() -> None:
         _warn("could not serve batched object transfers; each object is a request of its own")
     if object_batches.enabled() and not object_batches.batch_objects():
         _warn("could not batch object transfers; each object is a request of its own")
-    from flotilla.runtime.inline_handlers import run_supernode_handlers_inline
+    from flotilla.runtime.inline_handlers import run_handlers_inline
 
-    if not run_supernode_handlers_inline():
+    if not run_handlers_inline():
         _warn("could not run the runtime API's handlers on its event loop")
     if not engine_tuning.slower_uvicorn_tick():
         _warn("could not slow uvicorn's idle tick")
