@@ -443,7 +443,7 @@ def batching_push_contents(shipped: Callable) -> Callable:
 def batch_objects() -> bool:
     """Route flwr's object pulls and pushes through the batches where it can (in every module that imported
     the functions by name); False where flwr lacks them."""
-    import importlib
+    import sys
 
     try:
         from flwr.supercore.inflatable import inflatable_utils as iu
@@ -456,11 +456,13 @@ def batch_objects() -> bool:
     if getattr(shipped_pull, "_flotilla_batches", False):
         return True
     pull, push = batching_pull_objects(shipped_pull), batching_push_contents(shipped_push)
-    for modname in ("flwr.supercore.inflatable.inflatable_utils", "flwr.supernode.start_client_internal",
-                    "flwr.superlink.grid.http_grid", "flwr.supernode.runtime.run_clientapp"):
-        try:
-            mod = importlib.import_module(modname)
-        except ImportError:
+    iu.pull_objects, iu.push_object_contents_from_iterable = pull, push
+    # the modules that imported the names, where loaded (one loaded later imports the patched ones): a ClientApp
+    # fork runs this for every message and must not load what it does not use
+    for modname in ("flwr.supernode.start_client_internal", "flwr.superlink.grid.http_grid",
+                    "flwr.supernode.runtime.run_clientapp"):
+        mod = sys.modules.get(modname)
+        if mod is None:
             continue
         if getattr(mod, "pull_objects", None) is shipped_pull:
             mod.pull_objects = pull

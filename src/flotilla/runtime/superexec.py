@@ -52,25 +52,29 @@ def fork_preload() -> list[str]:
     return PRELOAD + extra
 
 
-def run_clientapp_task(address: str, token: str, insecure: bool, root_certificates_path: str | None,
-                       parent_pid: int | None, runtime_dependency_install: bool, launched_at: float = 0.0) -> None:
-    """What `flwr-clientapp --token ...` does, inside a fork of the warm process."""
-    from flwr.supercore.tls import validate_and_resolve_root_certificates
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
-
+def prepare_fork(launched_at: float) -> None:
+    """A ClientApp fork's set-up before flwr's run_clientapp (everything it uses is in the warm process)."""
+    from flotilla.runtime import object_batches
     from flotilla.runtime.engine_tuning import shorten_pull_backoff
     from flotilla.runtime.preload import check_before_load, reseed, set_threads
     from flotilla.runtime.stamp import stamp_replies
 
     shorten_pull_backoff()  # the task's message arrays may still be on their way to the SuperNode
-    from flotilla.runtime import object_batches
-
     if object_batches.enabled():
         object_batches.batch_objects()  # where it cannot, flwr's per-object requests (a fork has nowhere to warn)
     stamp_replies(launched_at)
     check_before_load()
     set_threads()
     reseed()
+
+
+def run_clientapp_task(address: str, token: str, insecure: bool, root_certificates_path: str | None,
+                       parent_pid: int | None, runtime_dependency_install: bool, launched_at: float = 0.0) -> None:
+    """What `flwr-clientapp --token ...` does, inside a fork of the warm process."""
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+    prepare_fork(launched_at)
     sys.argv = ["flwr-clientapp"]  # flwr names its exit telemetry event after argv[0]
     run_clientapp(
         runtime_api_address=address,
