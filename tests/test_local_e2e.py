@@ -116,13 +116,13 @@ def _kill_after_round_1(job, tmp_path, victim_name: str):
 
 def test_a_killed_device_is_restarted_and_trained_again(job_file, tmp_path):
     # A restarted device rejoins once its processes have started again: 8-13 s measured while the other
-    # two train on this 2-core machine; 20 short rounds (~1.5 s each) leave it ~2-3x that on a busier one.
-    job = job_file(rounds=20, devices=[{"name": "dev", "count": 3, "cpus": 1.0, "memory": "1g"}],
+    # two train on this 2-core machine; 40 short rounds (~0.5-1 s each now) leave it ~2-3x that on a busier one.
+    job = job_file(rounds=40, devices=[{"name": "dev", "count": 3, "cpus": 1.0, "memory": "1g"}],
                    train={"batch_size": 32, "lr": 0.02, "local_epochs": 0.3})
     proc, out, err, run_dir, killed_at = _kill_after_round_1(job, tmp_path, "dev-3")
     assert proc.returncode == 0, err[-3000:]
     s = last_json(out)
-    assert s["status"] == "completed" and s["lost_devices"] == [] and len(s["rounds"]) == 20
+    assert s["status"] == "completed" and s["lost_devices"] == [] and len(s["rounds"]) == 40
     assert "device dev-3 exited: killed by SIGKILL" in err and "restarting it" in err
     events = [json.loads(line) for line in (run_dir / "recovery.jsonl").read_text().splitlines()]
     down = next(e for e in events if e["event"] == "device_down" and e["device"] == "dev-3")
