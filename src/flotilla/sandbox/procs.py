@@ -22,7 +22,10 @@ class ProcessError(FlotillaError):
 
 
 LISTEN_PORTS_FLOOR = 20000  # listening ports are drawn from here up to the kernel's ephemeral range
-_HANDED_OUT: set[int] = set()  # by this process: its servers may not have bound them yet
+# the last ports this process handed out: their servers may not have bound them yet (a bounded memory: one
+# handed out thousands of draws ago is bound by now, or was let go)
+_HANDED_OUT: dict[int, None] = {}
+_REMEMBER = 4096
 
 
 def _ephemeral_range() -> tuple[int, int]:
@@ -40,6 +43,13 @@ def _bindable(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def _hand_out(port: int) -> int:
+    _HANDED_OUT[port] = None
+    while len(_HANDED_OUT) > _REMEMBER:
+        del _HANDED_OUT[next(iter(_HANDED_OUT))]
+    return port
 
 
 def free_port() -> int:
@@ -60,15 +70,13 @@ def free_port() -> int:
         for _ in range(256):
             port = random.randint(LISTEN_PORTS_FLOOR, lo - 1)
             if port not in _HANDED_OUT and _bindable(port):
-                _HANDED_OUT.add(port)
-                return port
+                return _hand_out(port)
     for _ in range(64):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
+            return _hand_out(port)
     raise ProcessError("no free loopback port found for a server of the fleet")
 
 

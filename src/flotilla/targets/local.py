@@ -39,8 +39,6 @@ from flotilla.sandbox.procs import (
 from flotilla.targets.base import Federation, Target, TargetError
 
 TEARDOWN_GRACE_S = 1.5  # the SuperLink's and zygote's time to exit on SIGTERM before SIGKILL
-
-
 LIMIT_READ_S = 5.0  # device_health re-reads a device's memory limit this often
 
 
