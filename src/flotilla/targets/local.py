@@ -60,7 +60,7 @@ class LocalTarget(Target):
             raw = (run.dir / STATE_FILE).read_bytes()
         except FileNotFoundError:
             return {}
-        cached = getattr(self, "_state_cache", None)
+        cached = self._state_cache
         if cached is None or cached[0] != raw:
             try:
                 cached = self._state_cache = (raw, json.loads(raw))
@@ -273,6 +273,8 @@ class LocalTarget(Target):
         cpu_s = memory = limit = None
         pressure = {"limit_hits": 0, "major_faults": 0}
         pids: set[int] = set()
+        ran = False  # it used CPU since the last sample: not every process of it is stopped (no /proc reads)
+        now = time.time()
         if cstate:  # the kernel's own accounting of the device (no /proc scan: cheap for big fleets)
             try:
                 cg = DeviceCgroup.from_state(cstate)
@@ -282,25 +284,25 @@ class LocalTarget(Target):
                 seen = self._health_seen.get(device)
                 # its limit changes only when throttled: read every LIMIT_READ_S (at 100 devices the driver's
                 # once-a-second health pass was a tenth of a core, most of it file reads)
-                read_at = seen[2] if seen and time.time() - seen[2] < LIMIT_READ_S else None
+                read_at = seen[2] if seen and now - seen[2] < LIMIT_READ_S else None
                 limit = seen[1] if read_at else cg.read_limits().get("memory")
                 pressure = cg.memory_pressure() | {"oom_kills": cg.oom_kills()}
             except (CgroupError, OSError):
                 return None
-            self._health_seen[device] = (cpu_s, limit, read_at or time.time())
-            if seen and cpu_s is not None and seen[0] is not None and cpu_s > seen[0] and pids:
-                # it used CPU since the last sample: not every process of it is stopped (no /proc reads)
-                return Health(t=time.time(), stopped=False, cpu_s=cpu_s, memory=memory, limit=limit, **pressure)
+            self._health_seen[device] = (cpu_s, limit, read_at or now)
+            ran = bool(pids and seen and cpu_s is not None and seen[0] is not None and cpu_s > seen[0])
         else:
             pids = group_pids(pgid)
-        states = [proc_state(p) for p in pids]
-        states = [s for s in states if s and s != "Z"]
-        if not states:
-            return None
+        if ran:
+            stopped = False
+        else:
+            states = [s for s in (proc_state(p) for p in pids) if s and s != "Z"]
+            if not states:
+                return None
+            stopped = all(s in "Tt" for s in states)
         if cpu_s is None:
             cpu_s = sum(proc_cpu_s(p) for p in pids)
-        return Health(t=time.time(), stopped=all(s in "Tt" for s in states), cpu_s=cpu_s, memory=memory,
-                      limit=limit, **pressure)
+        return Health(t=now, stopped=stopped, cpu_s=cpu_s, memory=memory, limit=limit, **pressure)
 
     def stop_device(self, run: RunRecord, device: str) -> None:
         pgid = run.state().get("groups", {}).get(device)
