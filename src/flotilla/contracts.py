@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+RUN_CONFIG_FILE = "run_config.toml"
+
 
 class DeviceStatus:
     """A device's part in one round (the `status` of a metrics.jsonl device row)."""
@@ -59,8 +61,16 @@ class RecordPaths:
         return self.dir / "lost_devices.json"
 
     @property
-    def nodes(self) -> Path:  # <device>.json: the Flower node id each device got
+    def nodes(self) -> Path:  # <device>.json: the Flower node id each device got; <device>.ready: it is warm
         return self.dir / "nodes"
+
+    @property
+    def fleet(self) -> Path:  # written by the driver once the fleet is connected (a held ServerApp then starts)
+        return self.dir / "fleet_connected.json"
+
+    @property
+    def run_config(self) -> Path:  # what the Plan gives the app (flwr run --run-config), written before the fleet
+        return self.dir / RUN_CONFIG_FILE
 
     @property
     def weights(self) -> Path:  # the final global model
@@ -106,6 +116,9 @@ METRICS_PORT_ENV = "FLOTILLA_METRICS_PORT"  # the ServerApp serves Prometheus me
 RUN_ID_ENV = "FLOTILLA_RUN_ID"
 JOB_NAME_ENV = "FLOTILLA_JOB_NAME"
 OWNER_LEASE_ENV = "FLOTILLA_OWNER_LEASE"  # the driver's lease file: the fleet stops itself when it goes stale
+# "1": the hosted ServerApp waits for the driver's word that the fleet is connected (RecordPaths.fleet) before
+# running the app; the driver then submits the app while the fleet still starts (Target.holds_app_for_fleet)
+HOLD_FOR_FLEET_ENV = "FLOTILLA_HOLD_FOR_FLEET"
 SOCKETS_DIR_ENV = "FLOTILLA_SOCKETS_DIR"  # where a local device makes its sockets (the run's sockets_dir)
 OWNER_TIMEOUT_S = 10.0
 

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 from flotilla.appspec import BUILTIN_FAB
+from flotilla.contracts import RecordPaths
 from flotilla.errors import RunFailure
 from flotilla.job import Job
 from flotilla.plan import Plan, format_node_config, make_plan
@@ -57,15 +58,23 @@ def run_config_toml(cfg: dict) -> str:
     return "\n".join(f"{k} = {format_node_config({k: v}).split('=', 1)[1]}" for k, v in cfg.items()) + "\n"
 
 
+def write_run_config(plan: Plan, run: RunRecord) -> Path | None:
+    """The run config file `flwr run` gets; written before the fleet starts, so the built-in trainer can load
+    its partition and report its capability as it starts."""
+    cfg = plan.run_config()
+    if not cfg:
+        return None
+    path = RecordPaths(run.dir).run_config
+    path.write_text(run_config_toml(cfg))
+    return path
+
+
 def submit(plan: Plan, run: RunRecord, fed: Federation, env: dict) -> int:
     """`flwr run` the app against the federation; returns Flower's run id."""
     write_flwr_config(run.dir / "flwr", fed)
     app_dir = app_dir_for(plan.job, run)
-    cfg = plan.run_config()
     cmd = ["flwr", "run", str(app_dir), CONNECTION, "--format", "json"]
-    if cfg:
-        cfg_path = run.dir / "run_config.toml"
-        cfg_path.write_text(run_config_toml(cfg))
+    if cfg_path := write_run_config(plan, run):
         cmd += ["--run-config", str(cfg_path)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     with open(run.log_path("flwr-run"), "a") as fh:

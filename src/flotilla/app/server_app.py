@@ -16,15 +16,21 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch  # here, not in main: flwr loads the app while the fleet still starts (the hosted ServerApp holds it)
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from flotilla.app.task import Net, evaluate, get_weights, set_weights, to_tensors
 from flotilla.contracts import RECORD_DIR_ENV, BuiltinConfig, RecordPaths
+from flotilla.data import load_test
+from flotilla.runtime.engine_tuning import shorten_pull_backoff
+from flotilla.runtime.serverapp import active
 from flotilla.strategy.fleet import FleetAuto, FleetFedAvg, wait_for_fleet
 from flotilla.strategy.grid import FleetGrid
 from flotilla.strategy.planner import AutoPlanner
 
 app = ServerApp()
+ASK_ENV = "FLOTILLA_QUERY_CAPABILITIES"  # "1": ask every device by query even where it wrote its capability
 
 
 def _append(path: Path | None, record: dict) -> None:
@@ -33,31 +39,75 @@ def _append(path: Path | None, record: dict) -> None:
             fh.write(json.dumps(record) + "\n")
 
 
-def query_capabilities(grid: FleetGrid, expected: int, wait_s: float) -> list[dict]:
-    """Ask every connected device for its limits and throughput (Flower query message)."""
-    wait_for_fleet(grid, expected, wait_s)
-    msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in grid.get_node_ids()]
+def capability_row(name: str, device_class: str, node_id: int, m: dict, t: float) -> dict:
+    """A devices.jsonl row from a capability report (the query's metrics or a ready file's capability)."""
+    return {
+        "name": name,
+        "class": device_class,
+        "node_id": node_id,
+        "cpus": m.get("cpus"),
+        "memory": int(m["memory"]) if m.get("memory") is not None else None,
+        "threads": int(m.get("threads") or 0),
+        "throughput_sps": m.get("throughput_sps"),
+        "partition_size": int(m["partition_size"]) if m.get("partition_size") is not None else None,
+        "t": t,
+    }
+
+
+def recorded_capabilities(paths: RecordPaths, node_ids: list[int]) -> dict[int, dict]:
+    """What the connected devices reported as they started (their trainer's ready file, next to the node id
+    file), where the run record is shared (local, compose): a query message to each would cost a full
+    round's worth of exchanges (~15 s on 100 devices sharing 2 cores) for the same answer."""
+    from flotilla.runtime.preload import read_ready
+
+    wanted, out = set(node_ids), {}
+    for f in paths.nodes.glob("*.json"):
+        try:
+            node = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        ready = read_ready(f.with_suffix(".ready")) or {}
+        if node.get("node_id") in wanted and isinstance(ready.get("capability"), dict):
+            out[node["node_id"]] = capability_row(
+                str(node["device"]),
+                str(node.get("class", "")),
+                node["node_id"],
+                ready["capability"],
+                float(ready.get("t") or time.time()),
+            )
+    return out
+
+
+def query_capabilities(grid: FleetGrid, node_ids: list[int]) -> list[dict]:
+    """Ask these devices for their limits and throughput (Flower query message)."""
+    msgs = [Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in node_ids]
     out = []
     for reply in grid.send_and_receive(msgs, timeout=60):
         if reply.has_error():
             continue
         dev = reply.content["device"]
         grid.node_names[reply.metadata.src_node_id] = str(dev["device"])
-        m = reply.content["metrics"]
         out.append(
-            {
-                "name": str(dev["device"]),
-                "class": str(dev.get("device-class", "")),
-                "node_id": reply.metadata.src_node_id,
-                "cpus": m.get("cpus"),
-                "memory": int(m["memory"]) if "memory" in m else None,
-                "threads": int(m.get("threads", 0)),
-                "throughput_sps": m.get("throughput_sps"),
-                "partition_size": int(m["partition_size"]) if "partition_size" in m else None,
-                "t": time.time(),
-            }
+            capability_row(
+                str(dev["device"]),
+                str(dev.get("device-class", "")),
+                reply.metadata.src_node_id,
+                dict(reply.content["metrics"]),
+                time.time(),
+            )
         )
     return out
+
+
+def fleet_capabilities(grid: FleetGrid, expected: int, wait_s: float, paths: RecordPaths | None) -> list[dict]:
+    """Every connected device's capability: from the record where the devices wrote it, by query otherwise."""
+    wait_for_fleet(grid, expected, wait_s)
+    nodes = list(grid.get_node_ids())
+    known = recorded_capabilities(paths, nodes) if paths is not None and os.environ.get(ASK_ENV) != "1" else {}
+    for node_id, row in known.items():
+        grid.node_names[node_id] = row["name"]
+    missing = [n for n in nodes if n not in known]
+    return list(known.values()) + (query_capabilities(grid, missing) if missing else [])
 
 
 def make_strategy(cfg: BuiltinConfig, expected: int, caps: list[dict]) -> FleetFedAvg:
@@ -98,13 +148,6 @@ def round_capabilities(server_round: int, devices: list[dict], last: dict[str, d
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    import torch
-
-    from flotilla.app.task import Net, evaluate, get_weights, set_weights, to_tensors
-    from flotilla.data import load_test
-    from flotilla.runtime.engine_tuning import shorten_pull_backoff
-    from flotilla.runtime.serverapp import active
-
     shorten_pull_backoff()  # replies are pulled while their SuperNode may still be pushing them
     cfg = BuiltinConfig.from_flower(context.run_config)
     torch.manual_seed(cfg.seed)
@@ -114,7 +157,7 @@ def main(grid: Grid, context: Context) -> None:
     expected = cfg.expected_devices or cfg.min_devices
     fleet = FleetGrid(grid, poll_s=0.1, lost_file=paths.lost_devices if paths else None, observer=observer)
 
-    caps = query_capabilities(fleet, expected, cfg.fleet_wait_s)
+    caps = fleet_capabilities(fleet, expected, cfg.fleet_wait_s, paths)
     for cap in caps:
         _append(paths.devices if paths else None, cap)
 

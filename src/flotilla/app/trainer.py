@@ -18,8 +18,11 @@ import threading
 import traceback
 from functools import lru_cache
 from multiprocessing.connection import Listener
+from pathlib import Path
 
 import numpy as np
+
+from flotilla.contracts import RUN_CONFIG_FILE
 
 
 def _f(cfg: dict, key: str, default=None):
@@ -198,8 +201,36 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def serve(socket_path: str, threads: int | None) -> None:
+def startup_config(record: str | None, node_config: str) -> dict | None:
+    """The config the device's messages will carry (the run's config file under the node's; the query adds
+    nothing to it), or None without the run's config file in the record."""
+    path = Path(record or "") / RUN_CONFIG_FILE
+    if not record or not path.is_file():
+        return None
+    from flwr.common.config import parse_config_args
+
+    return parse_config_args([str(path)]) | parse_config_args([node_config])
+
+
+def startup_capability(trainer: Trainer, cfg: dict | None) -> dict | None:
+    """The capability report the server's query would get, made before any message (the partition loaded
+    with it): the ServerApp reads it from the ready file instead of asking each device over the grid."""
+    if cfg is None:
+        return None
+    try:
+        return trainer.capability(cfg)
+    except Exception as err:  # noqa: BLE001 - the server asks by query instead; say why here
+        print(
+            f"flotilla trainer: no start-up capability ({type(err).__name__}: {err}); the server will ask",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+
+
+def serve(socket_path: str, threads: int | None, record: str | None = None, node_config: str = "") -> None:
     trainer = Trainer(threads)
+    cap = startup_capability(trainer, startup_config(record, node_config))
     if os.path.exists(socket_path):
         os.unlink(socket_path)
     old_umask = os.umask(0o177)  # socket readable by this user only
@@ -209,7 +240,7 @@ def serve(socket_path: str, threads: int | None) -> None:
     print(f"trainer ready on {socket_path} (threads={_threads()})", flush=True)
     from flotilla.runtime.preload import mark_ready
 
-    mark_ready("trainer ready")
+    mark_ready("trainer ready", **({"capability": cap} if cap else {}))
     try:
         while True:
             with listener.accept() as conn:
@@ -239,8 +270,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="Flotilla warm trainer (one per device)")
     ap.add_argument("--socket", required=True)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--record", help="the run record (its run config: the capability is reported at start-up)")
+    ap.add_argument("--node-config", default="", help="the device's node config (its partition)")
     args = ap.parse_args()
-    serve(args.socket, args.threads)
+    serve(args.socket, args.threads, args.record, args.node_config)
 
 
 if __name__ == "__main__":

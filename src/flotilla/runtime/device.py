@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, "-m", "flotilla.app.trainer", "--socket", sock]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
+            if args.record:  # it reports its capability at start-up, from the run's config and the node's
+                cmd += ["--record", args.record, "--node-config", node_config]
             # The SuperNode starts right away, in parallel (importing torch takes seconds on a small
             # CPU quota); a ClientApp that arrives before the trainer is ready waits for its socket.
             children.append(("trainer", start(cmd, env)))

@@ -17,6 +17,7 @@ code; it then imports the FAB's code itself, as flwr would.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 import time
@@ -67,18 +68,28 @@ def preload(app_dir: str | None = None) -> str | None:
     return module
 
 
-def mark_ready(what: str) -> None:
-    """Tell the driver this device is warm (the fleet starts once every device is): FLOTILLA_READY_FILE."""
+def mark_ready(what: str, **details) -> None:
+    """Tell the driver this device is warm (the fleet starts once every device is): FLOTILLA_READY_FILE, one
+    JSON object {"t", "what", **details} (the built-in trainer adds its capability: see read_ready)."""
     path = os.environ.get(READY_FILE_ENV)
     if not path:
         return
     try:
         tmp = f"{path}.tmp"
         with open(tmp, "w") as fh:
-            fh.write(f"{time.time():.3f} {what}\n")
+            json.dump({"t": round(time.time(), 3), "what": what, **details}, fh)
         os.replace(tmp, path)
     except OSError as err:
         print(f"flotilla: could not write {path}: {err}", file=sys.stderr, flush=True)
+
+
+def read_ready(path: Path) -> dict | None:
+    """A device's ready file (mark_ready), or None while it is not ready (or was written by an older one)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 THREADS_ENV = "FLOTILLA_THREADS"  # a device's compute threads (its CPU quota), for the app's frameworks
