@@ -27,11 +27,11 @@ from flotilla.faults import FaultSchedule
 from flotilla.flower_control import ControlError, FlowerControl
 from flotilla.job import Job
 from flotilla.plan import Plan, make_plan
-from flotilla.runs import JsonlTail, RunRecord, append_jsonl
+from flotilla.runs import JsonlTail, RunRecord, append_jsonl, write_json
 from flotilla.runtime.checkpoint import read_checkpoint, request_resume
 from flotilla.runtime.commands import flower_env
 from flotilla.runtime.lease import Lease
-from flotilla.submit import app_dir_for, create_run, submit
+from flotilla.submit import app_dir_for, create_run, submit, write_run_config
 from flotilla.summary import read_json, write_summary
 from flotilla.supervise import Supervisor
 from flotilla.targets import Federation, Target, TargetError, get_target
@@ -169,24 +169,32 @@ class Driver:
     def _run(self, on_update) -> None:
         """Up, submit, follow; after a crash of the SuperLink or the ServerApp, again from the last checkpoint."""
         app_dir_for(self.job, self.run)  # the copy is what runs (and what devices preload)
-        fed = self._bring_up(on_update)
-        resume = self.resume
+        write_run_config(self.plan, self.run)  # devices read it as they start (the built-in trainer's partition)
+        fed = self._bring_up(on_update, self.resume)
         while True:
-            self._submit(fed, resume)
             try:
                 self._follow(on_update)
                 return
             except Interrupted as intr:
                 fed = self._recover(intr, fed, on_update)
-                resume = True
 
-    def _bring_up(self, on_update) -> Federation:
+    def _bring_up(self, on_update, resume: bool) -> Federation:
+        """The federation up and the app submitted. Where the target holds the app until the fleet is connected,
+        it is submitted first: the ServerApp then starts (imports the app, torch) while the devices do."""
+        self.paths.fleet.unlink(missing_ok=True)
+        self.flwr_run_id = None  # the last SuperLink's run (if any) is gone with it
         fed = self.target.up(self.plan, self.run)
         if self.control is not None:
             self.control.close()
         self.control = FlowerControl(fed.control_address, fed.insecure, fed.root_certificates)
-        self._wait_for_fleet(on_update)
+        early = self.target.holds_app_for_fleet
+        if early:
+            self._submit(fed, resume)
+        connected = self._wait_for_fleet(on_update)
         self.run.write_state(status="running", control_address=fed.control_address)
+        write_json(self.paths.fleet, {"t": time.time(), "connected": connected, "devices": len(self.plan.devices)})
+        if not early:
+            self._submit(fed, resume)
         return fed
 
     def _submit(self, fed: Federation, resume: bool) -> None:
@@ -214,12 +222,13 @@ class Driver:
         self._stop_flower_run()
         if intr.what == "superlink":  # the whole federation again (its SuperNodes end with it)
             self.target.down(self.run)
-            fed = self._bring_up(on_update)
+            fed = self._bring_up(on_update, resume=True)
         else:
             try:  # a frozen ServerApp still holds the run: end it
                 self.target.inject(self.run, "kill", "serverapp")
             except Exception:  # noqa: BLE001 - it is gone already
                 pass
+            self._submit(fed, resume=True)  # the fleet is still connected (paths.fleet stands): it starts at once
         recoveries = self.run.state().get("recoveries", []) + [
             {"what": intr.what, "why": str(intr), "detected": intr.detected, "from_round": cp.round if cp else 0,
              "restarted": time.time()}]
@@ -234,15 +243,21 @@ class Driver:
     def _event(self, kind: str, **kw) -> None:
         append_jsonl(self.paths.dir / "recovery.jsonl", {"t": time.time(), "event": kind, **kw})
 
-    def _wait_for_fleet(self, on_update) -> None:
+    def _wait_for_fleet(self, on_update) -> int:
         """Hold the app until every device is connected and warm (or start_timeout_s passed with min_devices):
-        round 1 then includes the whole fleet. A device that exits meanwhile is reported and not waited for."""
+        round 1 then includes the whole fleet. A device that exits meanwhile is reported and not waited for.
+        An app submitted already that ended meanwhile (it failed to load) ends the wait. Returns how many
+        devices are connected."""
         expected = len(self.plan.devices)
         need = self.job.strategy.min_devices
-        t0 = time.time()
+        t0 = last_status = time.time()
         end = t0 + self.job.strategy.start_timeout_s
         online: list[int] = []
         while True:
+            if self.flwr_run_id is not None and time.time() - last_status >= STATUS_EVERY_S:
+                last_status = time.time()
+                if self._flower_run_ended():
+                    break
             self.devices.check()
             alive = expected - len(self.devices.down) - len(self.devices.lost_for_good)
             if self.devices.alive() < need:
@@ -271,6 +286,14 @@ class Driver:
             time.sleep(0.25)
         self.progress.message = ""
         self.run.write_state(fleet_connected_s=round(time.time() - t0, 2), fleet_connected=len(online))
+        return len(online)
+
+    def _flower_run_ended(self) -> bool:
+        try:
+            state = self.control.run_state(self.flwr_run_id)
+        except ControlError:
+            return False
+        return state is not None and state.finished
 
     def _devices_ready(self) -> int:
         """Devices that said they are warm (the built-in trainer up, the user's ClientApp preloaded), where they

@@ -79,9 +79,7 @@ class RunRecord:
 
     def write_state(self, **updates) -> dict:
         st = self.state() | updates
-        tmp = self.dir / f".{STATE_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps(st, indent=2))
-        os.replace(tmp, self.dir / STATE_FILE)  # atomic: readers never see half a file
+        write_json(self.dir / STATE_FILE, st, indent=2)
         return st
 
     # -- records ------------------------------------------------------------
@@ -150,6 +148,13 @@ class JsonlTail:
                 except json.JSONDecodeError:
                     pass  # not a record: skip it
         return out
+
+
+def write_json(path: Path, doc, indent: int | None = None) -> None:
+    """Atomically (a temporary file renamed over it): a reader in another process never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=indent))
+    os.replace(tmp, path)
 
 
 def append_jsonl(path: Path, record: dict) -> None:

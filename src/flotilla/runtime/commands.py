@@ -55,8 +55,9 @@ def flower_env(base: dict | None = None) -> dict[str, str]:
 
 
 def record_env(record_dir: str, *, run_id: str, job_name: str, policy: str, accuracy_metric: str,
-               loss_metric: str, metrics_port: int = 0) -> dict[str, str]:
-    """What the SuperLink (and so its ServerApps) needs to observe the app into the run record."""
+               loss_metric: str, metrics_port: int = 0, hold_for_fleet: bool = False) -> dict[str, str]:
+    """What the SuperLink (and so its ServerApps) needs to observe the app into the run record; with
+    hold_for_fleet, its ServerApps wait for the driver's word that the fleet is connected."""
     env = {
         contracts.RECORD_DIR_ENV: record_dir,
         contracts.RUN_ID_ENV: run_id,
@@ -67,6 +68,8 @@ def record_env(record_dir: str, *, run_id: str, job_name: str, policy: str, accu
     }
     if metrics_port:
         env[contracts.METRICS_PORT_ENV] = str(metrics_port)
+    if hold_for_fleet:
+        env[contracts.HOLD_FOR_FLEET_ENV] = "1"
     return env
 
 

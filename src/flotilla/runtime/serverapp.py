@@ -188,6 +188,36 @@ def hook_legacy_history(observer: Observer) -> bool:
     return True
 
 
+def hold_until_fleet(paths: contracts.RecordPaths, lease: str | None, poll_s: float = 0.05) -> bool:
+    """The app (its ServerApp's main or server_fn) runs once the driver says the fleet is connected
+    (paths.fleet): flwr has by then loaded the app's module and its imports while the devices started.
+    A driver that is gone (its lease stale) never says so: the app then fails at once."""
+    try:
+        from flwr.serverapp.server_app import ServerApp
+    except ImportError:
+        return False
+    shipped = ServerApp.__dict__.get("__call__")
+    if shipped is None:
+        return False
+    if getattr(shipped, "_flotilla", False):
+        return True
+
+    def __call__(self, *args, **kwargs):  # noqa: N807 (flwr's name)
+        from flotilla.runtime.lease import owner_gone
+
+        t0 = time.time()
+        while not paths.fleet.exists():
+            if owner_gone(lease):
+                raise RuntimeError(f"the run's driver is gone (its lease {lease} is stale); not starting the app")
+            time.sleep(poll_s)
+        print(f"flotilla: the fleet is connected; the app starts (it waited {time.time() - t0:.1f} s for it)", flush=True)
+        return shipped(self, *args, **kwargs)
+
+    __call__._flotilla = True
+    ServerApp.__call__ = __call__
+    return True
+
+
 def _heartbeat(path: Path, every_s: float = 0.5) -> None:
     """Touch `path` while this process runs: the driver tells a dead or frozen ServerApp by its staleness
     in seconds, where Flower would wait for its run's heartbeat to expire (a minute or more)."""
@@ -251,6 +281,10 @@ def main() -> None:
         (observer.paths.dir / "serverapp.pid").write_text(str(os.getpid()))
         _heartbeat(observer.paths.dir / "serverapp.heartbeat")
     atexit.register(observer.close)  # a stop (SIGTERM) ends through flwr's exit handlers and sys.exit
+    hold = observer.paths is not None and os.environ.get(contracts.HOLD_FOR_FLEET_ENV) == "1"
+    if hold and not hold_until_fleet(observer.paths, os.environ.get(contracts.OWNER_LEASE_ENV)):
+        print("flotilla: could not hold the app until the fleet is connected; it starts at once", file=sys.stderr,
+              flush=True)
     for ok, what in ((wrap_grid(observer), "observe the app's grid"),
                      (hook_strategy_loop(observer), "observe Flower's strategy loop"),
                      (hook_legacy_history(observer), "observe the legacy server loop"),

@@ -42,6 +42,10 @@ class Target(ABC):
     # Devices write into the run record (their node ids, when they are warm): local processes, and
     # containers on one host with the record mounted. Elsewhere the driver only sees the nodes online.
     devices_share_record: bool = False
+    # Its ServerApps wait for the driver's word that the fleet is connected (contracts.HOLD_FOR_FLEET_ENV), so
+    # the driver submits the app as the fleet starts: the ServerApp's start-up (importing the app, torch) is
+    # done by the time the last device connects. Elsewhere the driver submits once the fleet is connected.
+    holds_app_for_fleet: bool = False
     # What a job may ask of this target (flotilla.targets.check_job refuses the rest, exit 2):
     # "throttle" (live limits), "gpus", "placement" (hostname/labels/arch), "tls", "restart" (a device
     # again after it died: restart_device), "faults" (inject).

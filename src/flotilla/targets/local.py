@@ -45,6 +45,7 @@ LIMIT_READ_S = 5.0  # device_health re-reads a device's memory limit this often
 class LocalTarget(Target):
     name = "local"
     devices_share_record = True
+    holds_app_for_fleet = True
     capabilities = frozenset({"throttle", "restart", "faults"})
 
     def __init__(self) -> None:
@@ -119,10 +120,12 @@ class LocalTarget(Target):
         # under heavy load here: "database is locked").
         server_env = env | record_env(str(run.dir), run_id=run.run_id, job_name=job.name,
                                       policy=job.heterogeneity.policy, accuracy_metric=job.metrics.accuracy,
-                                      loss_metric=job.metrics.loss)
+                                      loss_metric=job.metrics.loss, hold_for_fleet=self.holds_app_for_fleet)
+        # the zygote warms up (imports flwr, torch, the app: seconds) while the SuperLink starts
+        zygote = self._start_zygote(plan, run, env) if job.local.shared else None
         self._start_superlink(run, server_env, port)
-        if job.local.shared:
-            self._start_zygote(plan, run, env)
+        if zygote is not None:
+            self._wait_zygote(run, *zygote)
 
         want_limits = any(d.cpus is not None or d.memory is not None for d in plan.devices)
         enforce, reason = cgroups_available() if want_limits else (False, "no limits asked for")
@@ -172,14 +175,18 @@ class LocalTarget(Target):
             pid = proc.pid
         self._record(run, name, pid, cg)
 
-    def _start_zygote(self, plan: Plan, run: RunRecord, env: dict) -> None:
+    def _start_zygote(self, plan: Plan, run: RunRecord, env: dict) -> tuple[subprocess.Popen, str]:
         """The run's warm process (flotilla.runtime.zygote): every device forks from it and shares its pages."""
         sock = os.path.join(run.state()["sockets_dir"], "zygote.sock")
         cmd = [sys.executable, "-m", "flotilla.runtime.zygote", "--socket", sock, "--exits", str(run.dir / "exits")]
         cmd += ["--builtin"] if plan.app.builtin else ["--preload-app", str(run.dir / "app")]
-        log = run.log_path("zygote")
-        proc = self.procs["zygote"] = self._spawn(cmd, env, log, None, _workdir(run, "zygote"))
+        proc = self.procs["zygote"] = self._spawn(cmd, env, run.log_path("zygote"), None, _workdir(run, "zygote"))
         self._record(run, "zygote", proc.pid, None)
+        return proc, sock
+
+    @staticmethod
+    def _wait_zygote(run: RunRecord, proc: subprocess.Popen, sock: str) -> None:
+        log = run.log_path("zygote")
         end = time.time() + 300
         while not os.path.exists(sock):
             if proc.poll() is not None:
