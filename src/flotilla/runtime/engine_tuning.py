@@ -298,3 +298,23 @@ def slower_uvicorn_tick(tick_s: float = UVICORN_TICK_S) -> bool:
     main_loop._flotilla = True
     server.main_loop = main_loop
     return True
+
+
+def skip_unsent_telemetry() -> bool:
+    """With telemetry off (FLWR_TELEMETRY_ENABLED=0, as Flotilla runs Flower), flwr still builds each event's
+    payload, and platform.architecture() in it runs `file` on the interpreter: ~1.8 ms of CPU and a process
+    per event, and every ClientApp (one per message) sends one. Off, an event is now an empty one."""
+    try:
+        from flwr.supercore import telemetry
+    except ImportError:
+        return False
+    if getattr(telemetry, "FLWR_TELEMETRY_ENABLED", None) is None or not hasattr(telemetry, "create_event"):
+        return False
+    if telemetry.FLWR_TELEMETRY_ENABLED == "1" or getattr(telemetry, "FLWR_TELEMETRY_LOGGING", "0") == "1":
+        return True  # sent or logged: as shipped
+
+    def create_event(event_type, event_details) -> str:
+        return "disabled"  # what flwr returns when it does not send
+
+    telemetry.create_event = create_event
+    return True
