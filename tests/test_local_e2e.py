@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FLOTILLA, cgroups_of, flotilla, processes_of, wait_until
-from flotilla.runs import find_run
+from flotilla.runs import find_run, read_jsonl
 
 pytestmark = pytest.mark.e2e
 
@@ -39,8 +39,14 @@ def test_run_two_devices_two_rounds(job_file, tmp_path):
     assert (run.dir / "weights.npz").stat().st_size > 10_000
     for name in ("superlink", "dev-1", "dev-2", "serverapp"):
         assert run.log_path(name).stat().st_size > 0, name
-    caps = {c["name"]: c for c in run.device_reports()}
+    caps = {c["name"]: c for c in run.device_reports() if "round" not in c}
     assert set(caps) == {"dev-1", "dev-2"}
+    assert all(c["partition_size"] > 0 for c in caps.values())
+    # reported by the devices as they started (no query message), and the app ran once the fleet was connected
+    assert not [m for m in read_jsonl(run.dir / "messages.jsonl") if m.get("type") == "query"]
+    server_log = run.log_path("serverapp").read_text()
+    assert "the fleet is connected; the app starts" in server_log and "could not hold" not in server_log
+    assert json.loads((run.dir / "fleet_connected.json").read_text())["connected"] == 2
     if s["limits_enforced"]:
         assert caps["dev-1"]["cpus"] == pytest.approx(1.0) and caps["dev-1"]["memory"] == 2**30
     assert (run.dir / "report" / "index.html").exists()
@@ -62,6 +68,18 @@ def test_run_two_devices_two_rounds(job_file, tmp_path):
     assert processes_of(run.dir) == []
     assert cgroups_of(s["run_id"]) == []
     assert not Path(run.state()["sockets_dir"]).exists()  # the devices' sockets went with them
+
+
+def test_devices_that_did_not_report_their_capability_are_asked_by_query(job_file, tmp_path):
+    res = flotilla("run", job_file(rounds=1), "--json", cwd=tmp_path, timeout=600,
+                   env=os.environ | {"FLOTILLA_QUERY_CAPABILITIES": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    run = find_run(tmp_path / "runs", last_json(res.stdout)["run_id"])
+    queries = [m for m in read_jsonl(run.dir / "messages.jsonl") if m.get("type") == "query"]
+    assert {m["name"] for m in queries if m["event"] == "reply"} == {"dev-1", "dev-2"}
+    caps = {c["name"]: c for c in run.device_reports() if "round" not in c}
+    assert set(caps) == {"dev-1", "dev-2"} and all(c["partition_size"] > 0 for c in caps.values())
+    assert processes_of(run.dir) == []
 
 
 def test_submit_status_stop_from_another_terminal(job_file, tmp_path):
