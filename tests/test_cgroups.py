@@ -426,3 +426,20 @@ def test_detect_v1_inside_a_container_uses_the_mount_root(tmp_path):
 def test_detect_reports_missing_controllers():
     layout, why = detect_layout(_mountinfo("/ /proc rw - proc proc rw"), "0::/\n")
     assert layout is None and "no cgroup hierarchy" in why
+
+
+@real
+def test_the_local_targets_down_removes_a_device_group_its_state_never_listed(run_id, procs, tmp_path):
+    """Ctrl-C while `up` starts the fleet: a device's group made, the device not yet recorded in state.json."""
+    from flotilla.runs import RunRecord
+    from flotilla.targets.local import LocalTarget
+
+    run = RunRecord(tmp_path / run_id)
+    run.dir.mkdir()
+    run.write_state(groups={}, cgroups={})
+    ghost = DeviceCgroup.create(group_name(run_id, "dev-7"), cpus=0.5, memory=256 * MiB)
+    p = procs(BUSY_LOOP, preexec_fn=ghost.enter)
+    wait_for(lambda: p.pid in ghost.pids())
+    LocalTarget().down(run)
+    assert p.wait(timeout=10) != 0  # killed with its group
+    assert not any(d.exists() for d in ghost.dirs.values())

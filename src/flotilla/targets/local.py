@@ -355,7 +355,7 @@ class LocalTarget(Target):
 
     # -- down ----------------------------------------------------------------
     def down(self, run: RunRecord) -> None:
-        from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
+        from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup, cleanup_run, run_prefix
 
         st = run.state()
         groups = st.get("groups", {})
@@ -379,6 +379,10 @@ class LocalTarget(Target):
                 DeviceCgroup.from_state(cstate).destroy()
             except CgroupError as err:
                 print(f"flotilla: could not remove the cgroup of {name}: {err}", file=sys.stderr)
+        try:  # and any the state does not list: a device's, made as Ctrl-C stopped `up` before it was recorded
+            cleanup_run(run_prefix(run.run_id))
+        except (CgroupError, ValueError) as err:
+            print(f"flotilla: could not remove the run's cgroups: {err}", file=sys.stderr)
         self._sweep(run)
 
     @staticmethod
