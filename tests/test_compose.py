@@ -118,6 +118,7 @@ def test_rendered_compose_passes_docker_compose_config(tmp_path, compose):
     assert set(services) == {"superlink", *LIMITS}
     sl = services["superlink"]
     assert "--disable-runtime-dependency-installation" in sl["command"]
+    assert "FLOTILLA_HOLD_FOR_FLEET" not in sl["environment"]  # run by hand: no driver to say the fleet is there
     assert sl["healthcheck"]["test"][0] == "CMD"
     assert any(v["type"] == "volume" and v["target"] == "/state" for v in sl["volumes"])
     assert sl["ports"][0]["host_ip"] == "127.0.0.1" and sl["ports"][0]["published"] == "8000"
@@ -210,6 +211,7 @@ def test_compose_runs_a_user_app_unchanged(tmp_path, image):
         assert len((run.dir / "outputs" / dev / "client_rounds.txt").read_text().splitlines()) == 2
         assert "preloaded ClientApp module othermetric.client_app" in run.log_path(dev).read_text()
     assert (run.dir / "weights.npz").exists() and run.log_path("serverapp").stat().st_size > 0
+    assert "the fleet is connected; the app starts" in run.log_path("serverapp").read_text()  # held, then ran
     assert _project_leftovers(run.state()["compose_project"]) == {"containers": [], "networks": [], "volumes": []}
 
 
@@ -251,6 +253,11 @@ def test_compose_run_with_limits_and_faults_recovered_through_the_engine(tmp_pat
     assert "flotilla_" in seen["_metrics"], "the ServerApp exporter is not reachable at superlink:9400"
     assert run.state()["limits_enforced"] is True
     assert "started" in run.log_path("big-1").read_text()  # container logs kept before the containers went
+    # each device reported its limits and partition as it started, in the mounted record: no query was sent
+    caps = {c["name"]: c for c in run.device_reports() if "round" not in c}
+    assert set(caps) == set(LIMITS) and all(c["partition_size"] > 0 for c in caps.values())
+    assert all(caps[n]["cpus"] == pytest.approx(LIMITS[n][0]) for n in LIMITS)
+    assert not [m for m in read_jsonl(run.dir / "messages.jsonl") if m.get("type") == "query"]
 
     faults = {f["process"]: f for f in read_jsonl(run.dir / "faults.jsonl")}
     events = read_jsonl(run.dir / "recovery.jsonl")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from flotilla.contracts import OWNER_LEASE_ENV
+from flotilla.contracts import HOLD_FOR_FLEET_ENV, OWNER_LEASE_ENV
 from flotilla.job import format_memory
 from flotilla.plan import DevicePlan, Plan, format_node_config
 from flotilla.runtime.commands import (
@@ -75,8 +75,11 @@ def compose_document(
         "init": True,  # tini as PID 1: forwards SIGTERM, reaps the ServerApp processes superexec leaves behind
         "command": superlink_command(database=f"{STATE_MOUNT}/state.db"),
         "working_dir": f"{RUN_MOUNT}/outputs/superlink",
-        # the run's lease: a fleet whose driver died stops itself (the containers stay until `down`)
-        "environment": superlink_env(job, RUN_MOUNT, run_id or "") | {OWNER_LEASE_ENV: f"{RUN_MOUNT}/owner.lease"},
+        # the run's lease: a fleet whose driver died stops itself (the containers stay until `down`); under the
+        # driver (a run id) the ServerApp holds the app until the driver says the fleet is connected; a project
+        # rendered to run by hand has no driver to wait for
+        "environment": superlink_env(job, RUN_MOUNT, run_id or "") | {OWNER_LEASE_ENV: f"{RUN_MOUNT}/owner.lease"}
+        | ({HOLD_FOR_FLEET_ENV: "1"} if run_id else {}),
         "ports": [{"target": SUPERLINK_PORT, "host_ip": "127.0.0.1", "protocol": "tcp",
                    **({"published": str(host_port)} if host_port != 0 else {})}],
         "expose": [str(METRICS_PORT)],

@@ -28,6 +28,7 @@ _STATE_MAP = {"running": "running", "created": "starting", "restarting": "starti
 class ComposeTarget(Target):
     name = "compose"
     devices_share_record = True
+    holds_app_for_fleet = True  # the record is mounted in the superlink container (render: under the driver)
     capabilities = frozenset({"restart", "faults"})
 
     def __init__(self, image: str | None = None, registry: str | None = None, insecure: bool = True) -> None:
