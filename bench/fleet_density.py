@@ -16,6 +16,10 @@ Per fleet size:
 The baseline is the layout without sharing (every device its own Pythons)
 at the sizes it reaches; "per-object" is the shared layout with flwr's one
 request per object instead of Flotilla's batches (FLOTILLA_OBJECT_BATCHES=0).
+speed_spread / reply_spread: the slowest class's median training / reply time
+over the fastest's. The limits declare 5x; where they add up to more than the
+cores (15 CPUs at 100 devices on 2) busy devices share the cores and the
+spread shrinks (capacity.cpu_note says so when a run starts).
 Goals at 100 devices: completes; <= 150 MB PSS per device; idle CPU <= 0.2 %
 of a core per device; start-up <= 30 s and teardown <= 5 s; round overhead
 within 2x of the 10-device overhead.
@@ -46,6 +50,7 @@ from conftest import cgroups_of, processes_of  # noqa: E402
 from flotilla.runtime.object_batches import ENABLE_ENV  # noqa: E402
 
 CLASSES = [(0.05, "a"), (0.1, "b"), (0.15, "c"), (0.2, "d"), (0.25, "e")]  # the same spread of CPU quotas
+SPREAD = CLASSES[-1][0] / CLASSES[0][0]  # the slowest class's training time over the fastest's, as declared
 MEMORY = "512m"
 IDLE_S = 10.0
 # PSS is read from every process's smaps_rollup, which walks its page tables: at 100 devices (~600 processes
@@ -271,11 +276,29 @@ def run_phase(n: int, shared: bool, rounds: int, work: Path) -> dict:
     per_exchange = [sum(c[k] or 0.0 for k in ("devices", "superlink", "serverapp")) / max(len(r["devices"]), 1)
                     for c, r in timed]
     slowest = [max((d.get("train_s") or 0.0) for d in r["devices"]) if r["devices"] else 0.0 for r in rows]
+    # Each class's median training and reply time: the limits declare SPREAD (equal data per device)
+    def by_class(key: str) -> dict[str, float]:
+        seen: dict[str, list[float]] = {}
+        for r in rows:
+            for d in r["devices"]:
+                if d.get("status") == "ok" and d.get(key):
+                    seen.setdefault(d.get("class") or "?", []).append(d[key])
+        return {c: round(statistics.median(v), 3) for c, v in sorted(seen.items())}
+
+    def spread(times: dict[str, float]) -> float | None:
+        slow, fast = CLASSES[0][1], CLASSES[-1][1]
+        return round(times[slow] / times[fast], 2) if {slow, fast} <= times.keys() and times[fast] else None
+
+    class_train, class_reply = by_class("train_s"), by_class("reply_s")
     out |= {
         "status": s["status"], "rounds": len(rows), "final_accuracy": s["final_accuracy"],
         "startup_to_round1_s": round(starts[0]["t_start"] - t0, 2) if starts else None,
         "median_round_s": round(statistics.median(walls), 3) if walls else None,
         "median_slowest_train_s": round(statistics.median(slowest), 3) if slowest else None,
+        "class_train_s": class_train,
+        "speed_spread": spread(class_train),
+        "class_reply_s": class_reply,
+        "reply_spread": spread(class_reply),
         "median_overhead_s": round(statistics.median([w - t for w, t in zip(walls, slowest)]), 3) if walls else None,
         # where a round's CPU went: when machine_busy is near 1.0 the round is as long as its CPU / the cores
         "round_cpu_s": {k: med(k) for k in ("devices", "superlink", "serverapp")},
@@ -327,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), file=sys.stderr, flush=True)
     cols = [("devices", 8), ("layout", 9), ("up_s", 7), ("startup_to_round1_s", 10), ("median_round_s", 9),
             ("median_overhead_s", 10), ("pss_mb_per_device", 9), ("peak_mem_used_mb", 9),
-            ("idle_cpu_pct_per_device", 9), ("cpu_s_per_exchange", 9), ("round_machine_busy", 9),
+            ("idle_cpu_pct_per_device", 9), ("cpu_s_per_exchange", 9), ("speed_spread", 8), ("reply_spread", 8),
+            ("round_machine_busy", 9),
             ("teardown_s", 9), ("final_accuracy", 9), ("status", 10)]
     print("\n" + "".join(f"{c[:c_w - 1]:>{c_w}}" for c, c_w in cols))
     for r in results:
@@ -341,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
         "idle_cpu_pct_per_device": top.get("idle_cpu_pct_per_device") if top else None,
         "startup_s_at_max": top.get("startup_to_round1_s") if top else None,
         "teardown_s_at_max": top.get("teardown_s") if top else None,
+        "speed_spread_declared": SPREAD,
+        "speed_spread_at_max": top.get("speed_spread") if top else None,
+        "reply_spread_at_max": top.get("reply_spread") if top else None,
         "overhead_ratio_max_vs_10": (round(top["median_overhead_s"] / ten["median_overhead_s"], 2)
                                      if top and ten and ten.get("median_overhead_s") else None),
         "sizes": results,

@@ -324,3 +324,16 @@ def _env(key: str, value: str) -> dict:
     env = dict(os.environ)
     env[key] = value
     return env
+
+
+# -- a fleet declaring more CPUs than this machine has runs, with a note ----------------------------------------------
+def test_a_fleet_declaring_more_cpus_than_the_machine_gets_a_note(monkeypatch):
+    monkeypatch.setattr("flotilla.sandbox.cgroups.cgroups_available", lambda: (True, ""))
+    doc = job({"name": "pi", "count": 20, "cpus": 0.25}, {"name": "phone", "count": 20, "cpus": 0.05})
+    note = capacity.cpu_note(parse_job(doc), "local", cores=2)
+    assert note == ("devices: the fleet's CPU limits add up to 6 CPUs on this machine's 2: when every device is "
+                    "busy each gets ~0.05 CPU, not its limit (0.05-0.25), so devices differ in speed less than "
+                    "declared; limits that add up to at most 2 CPUs hold")
+    assert capacity.cpu_note(parse_job(doc), "local", cores=8) is None
+    assert capacity.cpu_note(parse_job(doc), "compose", cores=2) is None  # its engine may be another host
+    assert capacity.cpu_note(parse_job(job({"name": "pc", "count": 50})), "local", cores=2) is None  # no limits

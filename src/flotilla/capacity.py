@@ -41,6 +41,34 @@ def check_fleet(job: Job, target: str) -> None:
         check_memory_fits(job)
 
 
+def cpu_note(job: Job, target: str, cores: float | None = None) -> str | None:
+    """Target local: a note when the devices' CPU limits add up to more than this machine's cores. The fleet
+    still runs, but when every device is busy they share the cores (equal weights): each gets about
+    cores / devices, not its limit, so their speeds differ less than declared (bench/fleet_density.py
+    measures it: speed_spread; why weights do not follow the quotas: DeviceCgroup._yield_cpu_to_the_server)."""
+    from flotilla.plan import make_plan
+    from flotilla.sandbox.cgroups import cgroups_available
+
+    if target != "local" or not cgroups_available()[0]:  # no groups: the target warns that limits do not hold
+        return None
+    limits = [d.cpus for d in make_plan(job).devices if d.cpus is not None]
+    cores = cores or machine_cores()
+    if sum(limits) <= cores:
+        return None
+    return (f"devices: the fleet's CPU limits add up to {sum(limits):g} CPUs on this machine's {cores:g}: when every "
+            f"device is busy each gets ~{cores / len(limits):.2g} CPU, not its limit ({min(limits):g}-{max(limits):g}),"
+            f" so devices differ in speed less than declared; limits that add up to at most {cores:g} CPUs hold")
+
+
+def machine_cores() -> float:
+    """The CPUs this process may use: its affinity, or its cgroup's quota if that is less."""
+    from flotilla.sandbox.cgroups import effective_limits_of_self
+
+    cores = float(len(os.sched_getaffinity(0)))
+    quota = effective_limits_of_self().get("cpus")
+    return min(cores, quota) if quota else cores
+
+
 def check_spreads(job: Job, target: str) -> None:
     if target not in PER_CLASS_TARGETS:
         return

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from flotilla.capacity import cpu_note
 from flotilla.contracts import RecordPaths, trained
 from flotilla.diagnose import app_failure
 from flotilla.errors import RunFailure, StoppedError
@@ -130,6 +131,8 @@ class Driver:
         self.run.write_state(status="starting", driver_pid=os.getpid(), started=time.time(), ended=None, error=None)
         for note in self.plan.run_config_notes():
             self._note(note)
+        if cpu := cpu_note(self.job, self.target.name):
+            self._note(cpu)
         end_monitor = lambda: None  # noqa: E731
         lease = Lease(self.paths.owner)
         try:
