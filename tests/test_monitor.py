@@ -418,6 +418,14 @@ def test_report_writes_html_and_plots(tmp_path):
     assert page.count("<tr>") == 1 + 6 + 1 + 3  # header + rounds 0..5, header + 3 devices
     assert "pi-2 (" in page  # the straggler is named in the rounds table
     assert not re.search(r'(src|href)="(https?:)?//', page)  # self-contained
+    assert "Note:" not in page
+
+    summary = json.loads((run / "summary.json").read_text())
+    note = "devices: the fleet's CPU limits add up to 3 CPUs on this machine's 2: <each> gets ~0.5 CPU"
+    (run / "summary.json").write_text(json.dumps(summary | {"notes": [note]}))
+    page = write_report(run).read_text()
+    assert '<div class="notice info">Note: devices: the fleet&#x27;s CPU limits add up to 3 CPUs' in page
+    assert "&lt;each&gt;" in page  # escaped
 
 
 def test_report_handles_failed_run_without_rounds(tmp_path):
