@@ -15,17 +15,19 @@ Per fleet size:
     the run, from /proc/*/smaps_rollup, over the device count).
 The baseline is the layout without sharing (every device its own Pythons)
 at the sizes it reaches; "per-object" is the shared layout with flwr's one
-request per object instead of Flotilla's batches (FLOTILLA_OBJECT_BATCHES=0).
+request per object instead of Flotilla's batches (FLOTILLA_OBJECT_BATCHES=0);
+"fit-cpus" the shared layout with local.fit_cpus: every limit scaled by one
+factor so the fleet fits the cores (run phase only).
 speed_spread / reply_spread: the slowest class's median training / reply time
 over the fastest's. The limits declare 5x; where they add up to more than the
 cores (15 CPUs at 100 devices on 2) busy devices share the cores and the
-spread shrinks (capacity.cpu_note says so when a run starts).
+spread shrinks (capacity.cpu_note says so when a run starts); fit-cpus keeps it.
 Goals at 100 devices: completes; <= 150 MB PSS per device; idle CPU <= 0.2 %
 of a core per device; start-up <= 30 s and teardown <= 5 s; round overhead
 within 2x of the 10-device overhead.
 
     .venv/bin/python bench/fleet_density.py [--sizes 10,25,50,100] [--baseline-sizes 10,25]
-                                            [--per-object-sizes 10] [--json]
+                                            [--per-object-sizes 10] [--fit-cpus-sizes 100] [--json]
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ IDLE_S = 10.0
 PSS_EVERY = 10  # half-second ticks
 
 
-def job_doc(n: int, shared: bool, rounds: int, runs_dir: Path) -> dict:
+def job_doc(n: int, shared: bool, rounds: int, runs_dir: Path, fit: bool = False) -> dict:
     per = [n // len(CLASSES) + (1 if i < n % len(CLASSES) else 0) for i in range(len(CLASSES))]
     return {
         "name": f"density-{n}{'' if shared else '-base'}",
@@ -72,7 +74,7 @@ def job_doc(n: int, shared: bool, rounds: int, runs_dir: Path) -> dict:
         "heterogeneity": {"policy": "none"},
         "devices": [{"name": name, "count": c, "cpus": cpus, "memory": MEMORY}
                     for (cpus, name), c in zip(CLASSES, per) if c],
-        "local": {"shared": shared},
+        "local": {"shared": shared, **({"fit_cpus": True} if fit else {})},
         "runs_dir": str(runs_dir),
     }
 
@@ -243,8 +245,8 @@ def idle_phase(n: int, shared: bool, work: Path) -> dict:
     return out
 
 
-def run_phase(n: int, shared: bool, rounds: int, work: Path) -> dict:
-    doc = job_doc(n, shared, rounds, work / "runs")
+def run_phase(n: int, shared: bool, rounds: int, work: Path, fit: bool = False) -> dict:
+    doc = job_doc(n, shared, rounds, work / "runs", fit)
     path = work / f"job-{n}.yaml"
     path.write_text(yaml.safe_dump(doc))
     runs = work / "runs"
@@ -321,16 +323,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-sizes", default="10,25", help="today's layout (no sharing); '' to skip")
     ap.add_argument("--per-object-sizes", default="10",
                     help="shared, but flwr's one request per object (FLOTILLA_OBJECT_BATCHES=0); '' to skip")
+    ap.add_argument("--fit-cpus-sizes", default="100",
+                    help="shared, with local.fit_cpus (every limit scaled to fit the cores: relative speeds hold, "
+                         "rounds take longer); run phase only; '' to skip")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",") if x]
     base_sizes = [int(x) for x in args.baseline_sizes.split(",") if x]
     per_object_sizes = [int(x) for x in args.per_object_sizes.split(",") if x]
+    fit_sizes = [int(x) for x in args.fit_cpus_sizes.split(",") if x]
     results = []
     with tempfile.TemporaryDirectory(prefix="flotilla-density-") as tmp:
         for layout, shared, group in (("shared", True, sizes), ("per-object", True, per_object_sizes),
-                                      ("baseline", False, base_sizes)):
+                                      ("fit-cpus", True, fit_sizes), ("baseline", False, base_sizes)):
             for n in group:
                 work = Path(tmp) / f"{n}-{layout}"
                 work.mkdir()
@@ -339,9 +345,10 @@ def main(argv: list[str] | None = None) -> int:
                 if layout == "per-object":  # every process of the fleet inherits it
                     os.environ[ENABLE_ENV] = "0"
                 try:
-                    row |= idle_phase(n, shared, work)
+                    if layout != "fit-cpus":  # its idle fleet is the shared one's
+                        row |= idle_phase(n, shared, work)
                     print(f"{n} devices: run phase...", file=sys.stderr, flush=True)
-                    row |= run_phase(n, shared, args.rounds, work)
+                    row |= run_phase(n, shared, args.rounds, work, fit=layout == "fit-cpus")
                 except Exception as err:  # noqa: BLE001 - a size that cannot run is a result too
                     row["error"] = f"{type(err).__name__}: {err}"
                 finally:
@@ -359,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     shared = [r for r in results if r["layout"] == "shared" and r.get("status") == "completed"]
     top = max(shared, key=lambda r: r["devices"], default=None)
     ten = next((r for r in shared if r["devices"] == 10), None)
+    fitted = max((r for r in results if r["layout"] == "fit-cpus"), key=lambda r: r["devices"], default=None)
     out = {
         "max_devices_completed": top["devices"] if top else 0,
         "pss_mb_per_device": top.get("pss_mb_per_device") if top else None,
@@ -368,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         "speed_spread_declared": SPREAD,
         "speed_spread_at_max": top.get("speed_spread") if top else None,
         "reply_spread_at_max": top.get("reply_spread") if top else None,
+        "fit_cpus": {k: fitted.get(k) for k in ("devices", "speed_spread", "reply_spread", "median_round_s",
+                                                "startup_to_round1_s", "status")} if fitted else None,
         "overhead_ratio_max_vs_10": (round(top["median_overhead_s"] / ten["median_overhead_s"], 2)
                                      if top and ten and ten.get("median_overhead_s") else None),
         "sizes": results,

@@ -136,6 +136,25 @@ def test_busy_loop_gets_a_quarter_cpu_then_more_after_a_live_change(device, run_
 
 
 @real
+def test_a_quota_under_a_hundredth_of_a_cpu_stretches_the_period(run_id, procs):
+    # local.fit_cpus may scale a limit below 0.01 CPU, the kernel's 1 ms quota per 100 ms period
+    cg = DeviceCgroup.create(group_name(run_id, "scaled-1"), cpus=0.005)
+    quota_file = cg.dirs["cpu"] / "cpu.cfs_quota_us" if cg.version == 1 else cg.dirs["unified"] / "cpu.max"
+    period = (cg.dirs["cpu"] / "cpu.cfs_period_us").read_text().split() if cg.version == 1 else \
+        quota_file.read_text().split()[1:]
+    assert quota_file.read_text().split()[0] == "1000" and period == ["200000"]
+    assert cg.read_limits()["cpus"] == 0.005
+    procs(BUSY_LOOP, preexec_fn=cg.enter)
+    time.sleep(0.5)
+    used, = cpu_used_over([cg], 3.0)
+    assert used <= 0.05, f"busy loop used {used:.3f} s of CPU in 3 s under a 0.005 CPU quota"
+    cg.set_limits(cpus=0.5)  # back to the usual period
+    assert cg.read_limits()["cpus"] == 0.5 and quota_file.read_text().split()[0] == "50000"
+    with pytest.raises(ValueError, match="use a number >= 0.001"):
+        cg.set_limits(cpus=0.0005)
+
+
+@real
 def test_a_limit_can_be_removed_live(device):
     device.set_limits(cpus=UNLIMITED)
     assert device.read_limits() == {"cpus": None, "memory": 200 * MiB}
@@ -260,7 +279,7 @@ def test_bad_names_and_limits_are_rejected_before_touching_anything(tmp_path):
     with pytest.raises(ValueError, match="cgroup name"):
         DeviceCgroup.create("flotilla/../etc", layout=layout)
     with pytest.raises(ValueError, match="cpus"):
-        DeviceCgroup.create("flotilla/r/d", cpus=0.001, layout=layout)
+        DeviceCgroup.create("flotilla/r/d", cpus=0.0005, layout=layout)
     with pytest.raises(ValueError, match="memory"):
         DeviceCgroup.create("flotilla/r/d", memory=-5, layout=layout)
     with pytest.raises(ValueError, match="at least two"):

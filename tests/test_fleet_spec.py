@@ -333,7 +333,45 @@ def test_a_fleet_declaring_more_cpus_than_the_machine_gets_a_note(monkeypatch):
     note = capacity.cpu_note(parse_job(doc), "local", cores=2)
     assert note == ("devices: the fleet's CPU limits add up to 6 CPUs on this machine's 2: when every device is "
                     "busy each gets ~0.05 CPU, not its limit (0.05-0.25), so devices differ in speed less than "
-                    "declared; limits that add up to at most 2 CPUs hold")
+                    "declared; limits that add up to at most 2 CPUs hold (local: {fit_cpus: true} scales them "
+                    "to fit)")
     assert capacity.cpu_note(parse_job(doc), "local", cores=8) is None
     assert capacity.cpu_note(parse_job(doc), "compose", cores=2) is None  # its engine may be another host
     assert capacity.cpu_note(parse_job(job({"name": "pc", "count": 50})), "local", cores=2) is None  # no limits
+
+
+def test_fit_cpus_scales_every_limit_by_one_factor_to_fit_the_cores(monkeypatch):
+    monkeypatch.setattr("flotilla.sandbox.cgroups.cgroups_available", lambda: (True, ""))
+    doc = job({"name": "pi", "count": 20, "cpus": 0.25}, {"name": "phone", "count": 20, "cpus": 0.05},
+              local={"fit_cpus": True})
+    fit = parse_job(doc)
+    assert capacity.cpu_scale(fit, cores=2) == pytest.approx(1.5 / 6)  # 2 cores less 0.5 for the server
+    assert capacity.cpu_scale(fit, cores=8) == 1.0  # fits as declared
+    assert capacity.cpu_scale(parse_job(job(*doc["devices"])), cores=2) == 1.0  # off by default
+    assert capacity.cpu_note(fit, "local", cores=2) == (
+        "devices: CPU limits scaled by 0.25 to fit this machine's 2 cores (local.fit_cpus; they add up to 6 "
+        "CPUs): relative speeds hold, a device's work takes 4.0x as long as on the fleet declared")
+    capacity.check_cpus_fit(fit, cores=2)  # 0.05 x 0.25 is above the kernel's smallest quota
+
+
+def test_fit_cpus_refuses_an_unlimited_class_and_a_limit_scaled_below_the_kernels_quota():
+    doc = job({"name": "pi", "count": 4, "cpus": 0.5}, {"name": "pc", "count": 2}, local={"fit_cpus": True})
+    with pytest.raises(JobError, match=r"^devices\[1\]\.cpus: local.fit_cpus scales every device's CPU limit and "
+                                       r"class 'pc' has none"):
+        capacity.check_cpus_fit(parse_job(doc), cores=2)
+    doc = job({"name": "big", "count": 1000, "cpus": 2.0}, {"name": "tiny", "count": 10, "cpus": 0.01},
+              local={"fit_cpus": True})
+    with pytest.raises(JobError) as e:
+        capacity.check_cpus_fit(parse_job(doc), cores=2)
+    assert str(e.value).startswith("local.fit_cpus: the fleet's CPU limits add up to 2000.1 CPUs; scaled by "
+                                   "0.00075 to fit this machine, the smallest (0.01) would be under the kernel's "
+                                   "smallest quota (0.001 CPU)")
+
+
+def test_cli_refuses_fit_cpus_with_an_unlimited_class_in_one_line(tmp_path):
+    p = write(tmp_path, job({"name": "pi", "count": 2, "cpus": 0.5}, {"name": "pc", "count": 1},
+                            local={"fit_cpus": True}))
+    res = subprocess.run(FLOTILLA + ["validate", str(p)], capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "devices[1].cpus: local.fit_cpus scales every device's CPU limit" in lines[0], lines

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -165,3 +166,35 @@ def test_without_restarts_a_dead_device_is_lost_and_the_run_goes_on(job_file, tm
     assert "device dev-3 exited" in err and "lost for good" in err
     assert len(s["rounds"]) == 4
     assert processes_of(run_dir) == []
+
+
+def test_fit_cpus_scales_the_fleet_to_the_cores_and_keeps_relative_speeds(job_file, tmp_path):
+    from flotilla.capacity import SERVER_CPUS, machine_cores
+    from flotilla.sandbox.cgroups import cgroups_available
+
+    if not cgroups_available()[0]:
+        pytest.skip("no cgroups here: limits are not enforced, so there is nothing to scale")
+    # 4 devices of half the machine and 2 of an eighth declare 2.25x its cores: shared, every busy device
+    # would get about the same (on 2 cores ~0.4 CPU, fast or slow); scaled to fit, the slow ones must
+    # stay about 4x slower, as declared
+    cores = machine_cores()
+    fast, slow = cores / 2, cores / 8
+    devices = [{"name": "fast", "count": 4, "cpus": fast, "memory": "1g"},
+               {"name": "slow", "count": 2, "cpus": slow, "memory": "1g"}]
+    res = flotilla("run", job_file(devices=devices, local={"shared": True, "fit_cpus": True}), "--json",
+                   cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = last_json(res.stdout)
+    assert s["status"] == "completed" and s["error"] is None
+    scale = (cores - SERVER_CPUS) / (4 * fast + 2 * slow)
+    run = find_run(tmp_path / "runs", s["run_id"])
+    assert run.state()["cpu_scale"] == pytest.approx(scale)
+    assert any(n.startswith(f"devices: CPU limits scaled by {scale:.3g}") for n in s["notes"]), s["notes"]
+    caps = {c["name"]: c for c in run.device_reports() if "round" not in c}  # each read its limit from the kernel
+    assert caps["fast-1"]["cpus"] == pytest.approx(fast * scale, rel=0.01)
+    assert caps["slow-2"]["cpus"] == pytest.approx(slow * scale, rel=0.01)
+    train = {c: [d["train_s"] for r in run.rounds()[1:] for d in r["devices"] if d["class"] == c and d["train_s"]]
+             for c in ("fast", "slow")}
+    ratio = statistics.median(train["slow"]) / statistics.median(train["fast"])
+    assert ratio >= 2.5, f"slow devices trained only {ratio:.2f}x as long as fast ones (declared 4x): {train}"
+    assert processes_of(run.dir) == [] and cgroups_of(s["run_id"]) == []

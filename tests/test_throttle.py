@@ -147,6 +147,14 @@ def test_throttle_now_changes_a_running_device_and_records_it(run):
 
 
 @real
+def test_throttle_in_a_fleet_scaled_to_fit_applies_the_runs_factor(run):
+    rec, cg = run
+    rec.write_state(cpu_scale=0.25)  # local.fit_cpus scaled the fleet's limits by 0.25
+    r = throttle_now(rec, "dev-1", cpus=0.2)  # the job's units, as the job and the schedule give them
+    assert quota_us(cg) == 5_000 and r["applied"]["cpus"] == pytest.approx(0.05)
+
+
+@real
 def test_throttle_now_errors_are_one_line_and_change_nothing(run):
     rec, cg = run
     cases = [

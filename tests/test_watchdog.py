@@ -59,3 +59,12 @@ def test_a_slow_but_working_device_is_never_hung():
     w = Watchdog()
     samples = [Health(t=float(i), stopped=False, cpu_s=0.1 * i) for i in range(200)]
     assert feed(w, samples, since=0.0)[1] is None
+
+
+def test_a_device_working_at_a_tiny_quota_is_not_hung_but_one_idle_under_it_is():
+    # local.fit_cpus may scale a limit to 0.001 CPU: a device busy at its whole quota uses less than IDLE_CPU
+    working = [Health(t=float(i), stopped=False, cpu_s=0.001 * i, cpus=0.001) for i in range(200)]
+    assert feed(Watchdog(), working, since=0.0)[1] is None
+    assert feed(Watchdog(), [Health(t=h.t, stopped=False, cpu_s=h.cpu_s) for h in working], since=0.0)[1]  # no quota
+    idle = [Health(t=float(i), stopped=False, cpu_s=0.0001 * i, cpus=0.001) for i in range(200)]
+    assert feed(Watchdog(), idle, since=0.0)[1].startswith("no progress")

@@ -10,6 +10,9 @@
   (/proc/meminfo), or what this process's cgroup still allows if that is less. Containers (compose, swarm,
   k8s) are not checked: their engine may be another host, or a VM with memory of its own.
   FLOTILLA_SKIP_MEMORY_CHECK=1 turns the check off (e.g. limits set high on purpose, well above use).
+- Target local, CPUs: a fleet whose CPU limits add up to more than the cores runs, with a note (cpu_note);
+  local.fit_cpus scales every limit by one factor (cpu_scale) so that they fit, refused when a device has no
+  limit or the smallest scaled one is under the kernel's smallest quota.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 from pathlib import Path
 
 from flotilla.job import Job, JobError
+from flotilla.sandbox.cgroupfs import MIN_SCALED_CPUS
 from flotilla.spread import Spread
 
 GiB = 1024**3
@@ -30,6 +34,7 @@ UNLIMITED_DEVICE = 512 * MiB
 UNLIMITED_SHARED_DEVICE = 128 * MiB
 SHARED_RUNTIME = 512 * MiB  # the shared fleet's warm process (flwr, the app, torch)
 SKIP_ENV = "FLOTILLA_SKIP_MEMORY_CHECK"
+SERVER_CPUS = 0.5  # what local.fit_cpus leaves of the machine's cores to the SuperLink and the ServerApp
 PER_CLASS_TARGETS = {"k8s": "a class is one StatefulSet with one set of limits",
                      "swarm": "each class's limits are checked against its nodes as one value"}
 
@@ -37,27 +42,68 @@ PER_CLASS_TARGETS = {"k8s": "a class is one StatefulSet with one set of limits",
 def check_fleet(job: Job, target: str) -> None:
     """Refuse (JobError, exit 2, one line) a fleet this target cannot run, or that cannot fit this machine."""
     check_spreads(job, target)
+    if target == "local":
+        check_cpus_fit(job)
     if target == "local" and os.environ.get(SKIP_ENV, "") in ("", "0"):
         check_memory_fits(job)
 
 
-def cpu_note(job: Job, target: str, cores: float | None = None) -> str | None:
-    """Target local: a note when the devices' CPU limits add up to more than this machine's cores. The fleet
-    still runs, but when every device is busy they share the cores (equal weights): each gets about
-    cores / devices, not its limit, so their speeds differ less than declared (bench/fleet_density.py
-    measures it: speed_spread; why weights do not follow the quotas: DeviceCgroup._yield_cpu_to_the_server)."""
+def cpu_limits(job: Job) -> list[float]:
+    """Every device's CPU limit (its drawn value for a spread); devices without one are left out."""
     from flotilla.plan import make_plan
+
+    return [d.cpus for d in make_plan(job).devices if d.cpus is not None]
+
+
+def cpu_scale(job: Job, cores: float | None = None) -> float:
+    """local.fit_cpus: the one factor every device's CPU limit is scaled by so that the limits add up to at most
+    this machine's cores less SERVER_CPUS; 1.0 when it is off or the fleet fits as declared."""
+    limits = cpu_limits(job)
+    if not job.local.fit_cpus or not limits:
+        return 1.0
+    cores = cores or machine_cores()
+    return min(1.0, max(cores - SERVER_CPUS, cores / 2) / sum(limits))
+
+
+def check_cpus_fit(job: Job, cores: float | None = None) -> None:
+    """local.fit_cpus needs every device limited (an unlimited one would compete for the cores) and the
+    smallest scaled limit within the kernel's smallest quota."""
+    if not job.local.fit_cpus:
+        return
+    for i, cls in enumerate(job.devices):
+        if cls.cpus is None:
+            raise JobError(f"devices[{i}].cpus: local.fit_cpus scales every device's CPU limit and class "
+                           f"{cls.name!r} has none: give it cpus, or turn local.fit_cpus off")
+    scale = cpu_scale(job, cores)
+    if (low := min(cpu_limits(job), default=1.0)) * scale < MIN_SCALED_CPUS:
+        raise JobError(f"local.fit_cpus: the fleet's CPU limits add up to {sum(cpu_limits(job)):g} CPUs; scaled "
+                       f"by {scale:.3g} to fit this machine, the smallest ({low:g}) would be under the kernel's "
+                       f"smallest quota ({MIN_SCALED_CPUS:g} CPU): fewer devices, or a higher smallest limit")
+
+
+def cpu_note(job: Job, target: str, cores: float | None = None) -> str | None:
+    """Target local: a note when the devices' CPU limits add up to more than this machine's cores. Scaled
+    (local.fit_cpus): by how much. Not scaled: the fleet still runs, but when every device is busy they share
+    the cores (equal weights): each gets about cores / devices, not its limit, so their speeds differ less than
+    declared (bench/fleet_density.py measures it: speed_spread; why weights do not follow the quotas:
+    DeviceCgroup._yield_cpu_to_the_server)."""
     from flotilla.sandbox.cgroups import cgroups_available
 
     if target != "local" or not cgroups_available()[0]:  # no groups: the target warns that limits do not hold
         return None
-    limits = [d.cpus for d in make_plan(job).devices if d.cpus is not None]
+    limits = cpu_limits(job)
     cores = cores or machine_cores()
     if sum(limits) <= cores:
         return None
+    if job.local.fit_cpus:
+        scale = cpu_scale(job, cores)
+        return (f"devices: CPU limits scaled by {scale:.3g} to fit this machine's {cores:g} cores (local.fit_cpus; "
+                f"they add up to {sum(limits):g} CPUs): relative speeds hold, a device's work takes "
+                f"{1 / scale:.1f}x as long as on the fleet declared")
     return (f"devices: the fleet's CPU limits add up to {sum(limits):g} CPUs on this machine's {cores:g}: when every "
             f"device is busy each gets ~{cores / len(limits):.2g} CPU, not its limit ({min(limits):g}-{max(limits):g}),"
-            f" so devices differ in speed less than declared; limits that add up to at most {cores:g} CPUs hold")
+            f" so devices differ in speed less than declared; limits that add up to at most {cores:g} CPUs hold "
+            "(local: {fit_cpus: true} scales them to fit)")
 
 
 def machine_cores() -> float:

@@ -230,6 +230,11 @@ class LocalOptions(_Strict):
         False, description="Devices fork from one warm process per run (flwr, the app and torch imported once) "
         "and share its read-only memory: ~5x less memory per device and start-up in seconds for dense fleets. "
         "A device's memory limit then counts what it uses beyond the shared pages.")
+    fit_cpus: bool = Field(
+        False, description="Scale every device's CPU limit by one factor so that the fleet's limits fit this "
+        "machine's cores (less 0.5 for the SuperLink and the ServerApp). Devices then never compete for a core, so "
+        "their relative speeds hold as declared; their work takes 1/factor as long. Off: a fleet whose limits add "
+        "up to more than the cores shares them, and its devices differ in speed less than declared.")
 
 
 AppConfigValue = bool | int | float | str

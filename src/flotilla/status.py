@@ -46,7 +46,8 @@ def run_status(rec: RunRecord) -> dict:
         "round": rounds[-1]["round"] if rounds else 0, "rounds": st.get("rounds"),
         "accuracy": rounds[-1]["accuracy"] if rounds else None, "loss": rounds[-1]["loss"] if rounds else None,
         "elapsed_s": round(end - st.get("started", st.get("created", end)), 1),
-        "limits_enforced": st.get("limits_enforced"), "error": st.get("error"), "devices": devices,
+        "limits_enforced": st.get("limits_enforced"), "cpu_scale": st.get("cpu_scale", 1.0),
+        "error": st.get("error"), "devices": devices,
         "classes": class_summary(devices),
     }
 
@@ -72,7 +73,8 @@ def show_status(console: Console, s: dict, devices: str | int = "auto") -> None:
     the lost, down and `devices` slowest ones (default SLOWEST)."""
     acc = f"{s['accuracy']:.4f}" if s["accuracy"] is not None else "-"
     console.print(f"[bold]{s['run_id']}[/bold]  {s['status']}  target={s['target']}  round {s['round']}/{s['rounds']}"
-                  f"  accuracy {acc}  elapsed {s['elapsed_s']}s  limits enforced: {s['limits_enforced']}",
+                  f"  accuracy {acc}  elapsed {s['elapsed_s']}s  limits enforced: {s['limits_enforced']}"
+                  + (f"  cpus scaled by {s['cpu_scale']:.3g} (local.fit_cpus)" if (s.get("cpu_scale") or 1.0) < 1 else ""),
                   highlight=False)
     if s.get("error"):
         console.print(f"  error: {s['error']}", highlight=False)

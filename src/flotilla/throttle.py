@@ -131,10 +131,13 @@ class Throttler:
 
 
 def set_device_limits(run: RunRecord, device: str, cpus: float | None, memory: int | None) -> dict:
-    """Rewrite one device's cgroup limits; returns the limits read back from the kernel."""
+    """Rewrite one device's cgroup limits; returns the limits read back from the kernel. cpus is in the job's
+    units: a fleet scaled to fit the machine (local.fit_cpus) gets it times the run's cpu_scale."""
     from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
 
     st = run.state()
+    if cpus is not None:
+        cpus *= float(st.get("cpu_scale") or 1.0)
     cgroups = st.get("cgroups") or {}
     if device not in cgroups:
         if not st.get("limits_enforced"):

@@ -11,7 +11,8 @@ about every second and asks the Watchdog, which says why a device is stuck:
   faulting pages back in (or hitting the limit) for THRASH_S: it will not
   finish; what the kernel shows is quoted, with what to change;
 - hung: it has a message out for a long time (HUNG_MIN_S, and HUNG_FACTOR x its
-  usual reply time) and its CPU time has not moved for PROGRESS_WINDOW_S.
+  usual reply time) and its CPU time has not moved for PROGRESS_WINDOW_S (less
+  than IDLE_CPU, or a quarter of a smaller quota).
 Pure logic over samples, so the rules are unit-tested without a fleet.
 """
 
@@ -44,6 +45,7 @@ class Health:
     limit_hits: int = 0  # times usage hit the limit (cumulative)
     major_faults: int = 0  # cumulative
     oom_kills: int = 0  # processes of it the kernel killed at its memory limit (cumulative)
+    cpus: float | None = None  # its CPU quota, cores
 
 
 class Watchdog:
@@ -107,7 +109,9 @@ class Watchdog:
         if not w or w[0].cpu_s is None or w[-1].cpu_s is None:
             return None
         rate = (w[-1].cpu_s - w[0].cpu_s) / max(1e-6, w[-1].t - w[0].t)
-        if rate >= IDLE_CPU:
+        # a device whose whole quota is near IDLE_CPU (a limit scaled down by local.fit_cpus) works at that
+        # rate: a quarter of its quota is progress
+        if rate >= (min(IDLE_CPU, w[-1].cpus / 4) if w[-1].cpus else IDLE_CPU):
             return None
         return f"no progress: its message out for {out_for:.0f} s and {rate * 100:.2f}% of a core used in " \
                f"{PROGRESS_WINDOW_S:.0f} s"

@@ -10,6 +10,7 @@ device's group) share one implementation without importing each other.
 from __future__ import annotations
 
 import errno
+import math
 import numbers
 import os
 import re
@@ -20,7 +21,9 @@ from pathlib import Path
 from flotilla.errors import FlotillaError
 
 PERIOD_US = 100_000  # CFS period; quota = cpus * period
-MIN_CPUS = 0.01  # the kernel's smallest CFS quota is 1 ms per period
+MIN_CPUS = 0.01  # the smallest limit a job declares: the kernel's smallest CFS quota, 1 ms, per PERIOD_US
+MIN_QUOTA_US, MAX_PERIOD_US = 1_000, 1_000_000  # the kernel's bounds on a CFS quota and period
+MIN_SCALED_CPUS = MIN_QUOTA_US / MAX_PERIOD_US  # a limit scaled down to fit the machine (local.fit_cpus): 0.001
 UNLIMITED = "max"  # pass to set_limits() to remove a limit (None leaves it unchanged)
 GROUP_ROOT = "flotilla"
 _V1_NO_LIMIT = 2**62  # v1 reports "no memory limit" as ~2^63 rounded down to a page
@@ -111,8 +114,16 @@ def _enable_v2_controllers(d: Path) -> None:
 # -- limits ------------------------------------------------------------------
 
 
+def _period_us(cpus: float | str) -> int:
+    """PERIOD_US, stretched for a quota under MIN_CPUS so that it stays at least the kernel's 1 ms: such a
+    device runs in longer bursts (0.005 CPU: 1 ms of every 200 ms)."""
+    if cpus == UNLIMITED:
+        return PERIOD_US
+    return min(MAX_PERIOD_US, max(PERIOD_US, math.ceil(MIN_QUOTA_US / float(cpus))))
+
+
 def _quota_us(cpus: float) -> str:
-    return str(round(float(cpus) * PERIOD_US))
+    return str(round(float(cpus) * _period_us(cpus)))
 
 
 def _cpu_limit(version: int, d: Path) -> float | None:
@@ -143,8 +154,8 @@ def _check_name(name: str, min_parts: int = 1) -> tuple[str, ...]:
 
 
 def _check_limits(cpus, memory) -> None:
-    if cpus is not None and cpus != UNLIMITED and not (isinstance(cpus, numbers.Real) and cpus >= MIN_CPUS):
-        raise ValueError(f"cpus {cpus!r}: use a number >= {MIN_CPUS} (or UNLIMITED)")
+    if cpus is not None and cpus != UNLIMITED and not (isinstance(cpus, numbers.Real) and cpus >= MIN_SCALED_CPUS):
+        raise ValueError(f"cpus {cpus!r}: use a number >= {MIN_SCALED_CPUS} (or UNLIMITED)")
     if memory is not None and memory != UNLIMITED and not (isinstance(memory, numbers.Integral) and memory > 0):
         raise ValueError(f"memory {memory!r}: use a byte count > 0 (or UNLIMITED)")
 

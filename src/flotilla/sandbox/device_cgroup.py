@@ -16,7 +16,6 @@ from pathlib import Path
 from flotilla.sandbox.cgroup_layout import Layout, cgroups_available, detect_layout
 from flotilla.sandbox.cgroupfs import (
     _V2,
-    PERIOD_US,
     UNLIMITED,
     CgroupError,
     _check_limits,
@@ -26,6 +25,7 @@ from flotilla.sandbox.cgroupfs import (
     _keyed,
     _kill_and_remove,
     _memory_limit,
+    _period_us,
     _procs,
     _prune,
     _quota_us,
@@ -161,7 +161,7 @@ class DeviceCgroup:
     def _set_v1(self, cpus, memory) -> None:
         if cpus is not None:
             d = self.dirs["cpu"]
-            _write(d / "cpu.cfs_period_us", str(PERIOD_US))
+            _write(d / "cpu.cfs_period_us", str(_period_us(cpus)))
             _write(d / "cpu.cfs_quota_us", "-1" if cpus == UNLIMITED else _quota_us(cpus))
         if memory is not None:
             d = self.dirs["memory"]
@@ -181,7 +181,7 @@ class DeviceCgroup:
         d = self.dirs[_V2]
         if cpus is not None:
             quota = "max" if cpus == UNLIMITED else _quota_us(cpus)
-            _write(d / "cpu.max", f"{quota} {PERIOD_US}")
+            _write(d / "cpu.max", f"{quota} {_period_us(cpus)}")
         if memory is not None:
             _write(d / "memory.max", "max" if memory == UNLIMITED else str(int(memory)))
             _write_if_present(d / "memory.swap.max", "max" if memory == UNLIMITED else "0")

@@ -51,7 +51,7 @@ class LocalTarget(Target):
     def __init__(self) -> None:
         self.procs: dict[str, subprocess.Popen] = {}  # held by the driver's process only
         self._state_cache: tuple | None = None  # (state.json's bytes, their parsed content): _state_snapshot
-        self._health_seen: dict[str, tuple] = {}  # device -> (cpu_s, limit, when read): device_health
+        self._health_seen: dict[str, tuple] = {}  # device -> (cpu_s, limits, when read): device_health
 
     def _state_snapshot(self, run: RunRecord) -> dict:
         """run.state() for reading only, parsed again only when state.json's bytes changed (compared whole: a
@@ -105,6 +105,7 @@ class LocalTarget(Target):
 
     # -- up ----------------------------------------------------------------
     def up(self, plan: Plan, run: RunRecord) -> Federation:
+        from flotilla.capacity import cpu_scale
         from flotilla.sandbox.cgroups import DeviceCgroup, cgroups_available, group_name
 
         job = plan.job
@@ -129,13 +130,15 @@ class LocalTarget(Target):
 
         want_limits = any(d.cpus is not None or d.memory is not None for d in plan.devices)
         enforce, reason = cgroups_available() if want_limits else (False, "no limits asked for")
-        run.write_state(limits_enforced=bool(enforce and want_limits), limits_note=reason)
+        scale = cpu_scale(job) if enforce else 1.0  # local.fit_cpus: the fleet's limits fit the cores
+        run.write_state(limits_enforced=bool(enforce and want_limits), limits_note=reason, cpu_scale=scale)
         if want_limits and not enforce:
             print(f"flotilla: warning: devices run without their CPU/memory limits ({reason})", file=sys.stderr)
         for d in plan.devices:
             cg = None
             if enforce and (d.cpus is not None or d.memory is not None):
-                cg = DeviceCgroup.create(group_name(run.run_id, d.name), d.cpus, d.memory)
+                cg = DeviceCgroup.create(group_name(run.run_id, d.name), None if d.cpus is None else d.cpus * scale,
+                                         d.memory)
             self._start_device(plan, run, d.name, env, cg)
         return Federation(control_address=f"127.0.0.1:{port}", output_dir=str(run.dir))
 
@@ -277,7 +280,8 @@ class LocalTarget(Target):
         if pgid is None:
             return None
         cstate = st.get("cgroups", {}).get(device)
-        cpu_s = memory = limit = None
+        cpu_s = memory = None
+        limits: dict = {}
         pressure = {"limit_hits": 0, "major_faults": 0}
         pids: set[int] = set()
         ran = False  # it used CPU since the last sample: not every process of it is stopped (no /proc reads)
@@ -292,11 +296,11 @@ class LocalTarget(Target):
                 # its limit changes only when throttled: read every LIMIT_READ_S (at 100 devices the driver's
                 # once-a-second health pass was a tenth of a core, most of it file reads)
                 read_at = seen[2] if seen and now - seen[2] < LIMIT_READ_S else None
-                limit = seen[1] if read_at else cg.read_limits().get("memory")
+                limits = seen[1] if read_at else cg.read_limits()
                 pressure = cg.memory_pressure() | {"oom_kills": cg.oom_kills()}
             except (CgroupError, OSError):
                 return None
-            self._health_seen[device] = (cpu_s, limit, read_at or now)
+            self._health_seen[device] = (cpu_s, limits, read_at or now)
             ran = bool(pids and seen and cpu_s is not None and seen[0] is not None and cpu_s > seen[0])
         else:
             pids = group_pids(pgid)
@@ -309,7 +313,8 @@ class LocalTarget(Target):
             stopped = all(s in "Tt" for s in states)
         if cpu_s is None:
             cpu_s = sum(proc_cpu_s(p) for p in pids)
-        return Health(t=now, stopped=stopped, cpu_s=cpu_s, memory=memory, limit=limit, **pressure)
+        return Health(t=now, stopped=stopped, cpu_s=cpu_s, memory=memory, limit=limits.get("memory"),
+                      cpus=limits.get("cpus"), **pressure)
 
     def stop_device(self, run: RunRecord, device: str) -> None:
         pgid = run.state().get("groups", {}).get(device)
