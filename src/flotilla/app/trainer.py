@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
+import tomllib
 import traceback
 from functools import lru_cache
 from multiprocessing.connection import Listener
@@ -201,15 +203,27 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+# flwr's `key=value key2="text"` syntax for a node config (flwr.common.config.parse_config_args), parsed here
+# with the standard library: importing flwr would add ~33 MB to every trainer that does not share a zygote
+_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
+    return out
+
+
 def startup_config(record: str | None, node_config: str) -> dict | None:
     """The config the device's messages will carry (the run's config file under the node's; the query adds
     nothing to it), or None without the run's config file in the record."""
     path = Path(record or "") / RUN_CONFIG_FILE
     if not record or not path.is_file():
         return None
-    from flwr.common.config import parse_config_args
-
-    return parse_config_args([str(path)]) | parse_config_args([node_config])
+    with open(path, "rb") as fh:
+        run_config = _flat(tomllib.load(fh))
+    return run_config | _flat(tomllib.loads("\n".join(f"{k} = {v}" for k, v in _PAIR.findall(node_config))))
 
 
 def startup_capability(trainer: Trainer, cfg: dict | None) -> dict | None:
