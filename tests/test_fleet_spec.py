@@ -352,6 +352,9 @@ def test_fit_cpus_scales_every_limit_by_one_factor_to_fit_the_cores(monkeypatch)
         "devices: CPU limits scaled by 0.25 to fit this machine's 2 cores (local.fit_cpus; they add up to 6 "
         "CPUs): relative speeds hold, a device's work takes 4.0x as long as on the fleet declared")
     capacity.check_cpus_fit(fit, cores=2)  # 0.05 x 0.25 is above the kernel's smallest quota
+    # limits within the cores but leaving the server less than 0.5 CPU are scaled too, and said so
+    near = parse_job(job({"name": "pi", "count": 4, "cpus": 0.45}, local={"fit_cpus": True}))
+    assert capacity.cpu_note(near, "local", cores=2).startswith("devices: CPU limits scaled by 0.833")
 
 
 def test_fit_cpus_refuses_an_unlimited_class_and_a_limit_scaled_below_the_kernels_quota():

@@ -93,13 +93,14 @@ def cpu_note(job: Job, target: str, cores: float | None = None) -> str | None:
         return None
     limits = cpu_limits(job)
     cores = cores or machine_cores()
-    if sum(limits) <= cores:
-        return None
-    if job.local.fit_cpus:
-        scale = cpu_scale(job, cores)
+    if job.local.fit_cpus:  # scaled as soon as they leave the server less than SERVER_CPUS
+        if (scale := cpu_scale(job, cores)) >= 1.0:
+            return None
         return (f"devices: CPU limits scaled by {scale:.3g} to fit this machine's {cores:g} cores (local.fit_cpus; "
                 f"they add up to {sum(limits):g} CPUs): relative speeds hold, a device's work takes "
                 f"{1 / scale:.1f}x as long as on the fleet declared")
+    if sum(limits) <= cores:
+        return None
     return (f"devices: the fleet's CPU limits add up to {sum(limits):g} CPUs on this machine's {cores:g}: when every "
             f"device is busy each gets ~{cores / len(limits):.2g} CPU, not its limit ({min(limits):g}-{max(limits):g}),"
             f" so devices differ in speed less than declared; limits that add up to at most {cores:g} CPUs hold "
