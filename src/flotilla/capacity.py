@@ -74,9 +74,9 @@ def check_cpus_fit(job: Job, cores: float | None = None) -> None:
         if cls.cpus is None:
             raise JobError(f"devices[{i}].cpus: local.fit_cpus scales every device's CPU limit and class "
                            f"{cls.name!r} has none: give it cpus, or turn local.fit_cpus off")
-    scale = cpu_scale(job, cores)
-    if (low := min(cpu_limits(job), default=1.0)) * scale < MIN_SCALED_CPUS:
-        raise JobError(f"local.fit_cpus: the fleet's CPU limits add up to {sum(cpu_limits(job)):g} CPUs; scaled "
+    scale, limits = cpu_scale(job, cores), cpu_limits(job)
+    if (low := min(limits, default=1.0)) * scale < MIN_SCALED_CPUS:
+        raise JobError(f"local.fit_cpus: the fleet's CPU limits add up to {sum(limits):g} CPUs; scaled "
                        f"by {scale:.3g} to fit this machine, the smallest ({low:g}) would be under the kernel's "
                        f"smallest quota ({MIN_SCALED_CPUS:g} CPU): fewer devices, or a higher smallest limit")
 
