@@ -340,12 +340,12 @@ def main(argv: list[str] | None = None) -> int:
             for n in group:
                 work = Path(tmp) / f"{n}-{layout}"
                 work.mkdir()
-                print(f"{n} devices ({layout}): idle phase...", file=sys.stderr, flush=True)
                 row = {"devices": n, "layout": layout}
                 if layout == "per-object":  # every process of the fleet inherits it
                     os.environ[ENABLE_ENV] = "0"
                 try:
                     if layout != "fit-cpus":  # its idle fleet is the shared one's
+                        print(f"{n} devices ({layout}): idle phase...", file=sys.stderr, flush=True)
                         row |= idle_phase(n, shared, work)
                     print(f"{n} devices: run phase...", file=sys.stderr, flush=True)
                     row |= run_phase(n, shared, args.rounds, work, fit=layout == "fit-cpus")

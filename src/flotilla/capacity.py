@@ -48,18 +48,17 @@ def check_fleet(job: Job, target: str) -> None:
         check_memory_fits(job)
 
 
-def cpu_limits(job: Job) -> list[float]:
-    """Every device's CPU limit (its drawn value for a spread); devices without one are left out."""
+def cpu_limits(job: Job, plan=None) -> list[float]:
+    """Every device's CPU limit (its drawn value for a spread; from `plan` if the caller has it)."""
     from flotilla.plan import make_plan
 
-    return [d.cpus for d in make_plan(job).devices if d.cpus is not None]
+    return [d.cpus for d in (plan or make_plan(job)).devices if d.cpus is not None]
 
 
-def cpu_scale(job: Job, cores: float | None = None) -> float:
+def cpu_scale(job: Job, cores: float | None = None, plan=None) -> float:
     """local.fit_cpus: the one factor every device's CPU limit is scaled by so that the limits add up to at most
     this machine's cores less SERVER_CPUS; 1.0 when it is off or the fleet fits as declared."""
-    limits = cpu_limits(job)
-    if not job.local.fit_cpus or not limits:
+    if not job.local.fit_cpus or not (limits := cpu_limits(job, plan)):
         return 1.0
     cores = cores or machine_cores()
     return min(1.0, max(cores - SERVER_CPUS, cores / 2) / sum(limits))
@@ -74,7 +73,10 @@ def check_cpus_fit(job: Job, cores: float | None = None) -> None:
         if cls.cpus is None:
             raise JobError(f"devices[{i}].cpus: local.fit_cpus scales every device's CPU limit and class "
                            f"{cls.name!r} has none: give it cpus, or turn local.fit_cpus off")
-    scale, limits = cpu_scale(job, cores), cpu_limits(job)
+    from flotilla.plan import make_plan
+
+    plan = make_plan(job)
+    scale, limits = cpu_scale(job, cores, plan), cpu_limits(job, plan)
     if (low := min(limits, default=1.0)) * scale < MIN_SCALED_CPUS:
         raise JobError(f"local.fit_cpus: the fleet's CPU limits add up to {sum(limits):g} CPUs; scaled "
                        f"by {scale:.3g} to fit this machine, the smallest ({low:g}) would be under the kernel's "
@@ -87,14 +89,16 @@ def cpu_note(job: Job, target: str, cores: float | None = None) -> str | None:
     the cores (equal weights): each gets about cores / devices, not its limit, so their speeds differ less than
     declared (bench/fleet_density.py measures it: speed_spread; why weights do not follow the quotas:
     DeviceCgroup._yield_cpu_to_the_server)."""
+    from flotilla.plan import make_plan
     from flotilla.sandbox.cgroups import cgroups_available
 
     if target != "local" or not cgroups_available()[0]:  # no groups: the target warns that limits do not hold
         return None
-    limits = cpu_limits(job)
+    plan = make_plan(job)
+    limits = cpu_limits(job, plan)
     cores = cores or machine_cores()
     if job.local.fit_cpus:  # scaled as soon as they leave the server less than SERVER_CPUS
-        if (scale := cpu_scale(job, cores)) >= 1.0:
+        if (scale := cpu_scale(job, cores, plan)) >= 1.0:
             return None
         return (f"devices: CPU limits scaled by {scale:.3g} to fit this machine's {cores:g} cores (local.fit_cpus; "
                 f"they add up to {sum(limits):g} CPUs): relative speeds hold, a device's work takes "

@@ -208,22 +208,17 @@ def _threads() -> int:
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out: dict = {}
-    for k, v in d.items():
-        out |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v}
-    return out
-
-
 def startup_config(record: str | None, node_config: str) -> dict | None:
     """The config the device's messages will carry (the run's config file under the node's; the query adds
     nothing to it), or None without the run's config file in the record."""
     path = Path(record or "") / RUN_CONFIG_FILE
     if not record or not path.is_file():
         return None
+    from flotilla.appspec import flatten
+
     with open(path, "rb") as fh:
-        run_config = _flat(tomllib.load(fh))
-    return run_config | _flat(tomllib.loads("\n".join(f"{k} = {v}" for k, v in _PAIR.findall(node_config))))
+        run_config = flatten(tomllib.load(fh))
+    return run_config | flatten(tomllib.loads("\n".join(f"{k} = {v}" for k, v in _PAIR.findall(node_config))))
 
 
 def startup_capability(trainer: Trainer, cfg: dict | None) -> dict | None:

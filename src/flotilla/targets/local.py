@@ -130,7 +130,7 @@ class LocalTarget(Target):
 
         want_limits = any(d.cpus is not None or d.memory is not None for d in plan.devices)
         enforce, reason = cgroups_available() if want_limits else (False, "no limits asked for")
-        scale = cpu_scale(job) if enforce else 1.0  # local.fit_cpus: the fleet's limits fit the cores
+        scale = cpu_scale(job, plan=plan) if enforce else 1.0  # local.fit_cpus: the fleet's limits fit the cores
         run.write_state(limits_enforced=bool(enforce and want_limits), limits_note=reason, cpu_scale=scale)
         if want_limits and not enforce:
             print(f"flotilla: warning: devices run without their CPU/memory limits ({reason})", file=sys.stderr)
