@@ -41,6 +41,17 @@ NAMES: list[tuple[str, str, str]] = [
     ("flwr.supercore.cli", "flower_superexec", "superexec: the SuperExec itself"),
     ("flwr.supercore.tls", "validate_and_resolve_root_certificates", "superexec: a forked ClientApp's TLS"),
     ("flwr.supernode.runtime.run_clientapp", "run_clientapp", "superexec: what a forked ClientApp runs"),
+    # a dead ClientApp's message answered at once (flotilla.runtime.dead_clientapps)
+    ("flwr.supernode.nodestate.in_memory_nodestate", "InMemoryNodeState.finish_task",
+     "dead_clientapps: a FAILED ClientApp task answers its message"),
+    ("flwr.supernode.nodestate.in_memory_nodestate", "InMemoryNodeState._store_error_replies",
+     "dead_clientapps: Flower's own error replies (as on token expiry)"),
+    ("flwr.common.constant", "ErrorCode.CLIENT_APP_CRASHED", "dead_clientapps: the error reply's code"),
+    ("flwr.common.constant", "SubStatus.FAILED", "dead_clientapps: the task's final status"),
+    ("flwr.supercore.constant", "TaskType.CLIENT_APP", "dead_clientapps: only ClientApp tasks"),
+    ("flwr.supercore.interceptors", "RuntimeTokenHttpInterceptor", "dead_clientapps: the dead task's token"),
+    ("flwr.supercore.retry", "make_simple_http_retry_invoker", "dead_clientapps: a short retry"),
+    ("flwr.proto.runtime_pb2", "PushTaskOutputRequest", "dead_clientapps: the task's FAILED status"),
     ("flwr.clientapp.utils", "load_app", "preload: compares the FAB with the preloaded code first"),
     ("flwr.clientapp", "ClientApp.__call__", "stamp: a reply's compute time"),
     # the SuperLink and the ServerApp (flotilla.runtime.superlink, serverapp, observer)

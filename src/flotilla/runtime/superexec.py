@@ -29,7 +29,10 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import time
+
+from flotilla.runtime import dead_clientapps
 
 # Imported by the fork server once; every ClientApp fork shares them.
 PRELOAD = [
@@ -117,6 +120,8 @@ def make_executor_class():
             self._preload = fork_preload() if preload is None else preload
             self._live: list[multiprocessing.process.BaseProcess] = []
             self._servers: list[subprocess.Popen] = []
+            self._reap_lock = threading.Lock()
+            self._memory = None if dead_clientapps.disabled() else dead_clientapps.OwnMemoryGroup()
 
         def _fork_context(self):
             if self._ctx is None and os.environ.get(ZYGOTE_ENV) == "1":
@@ -164,22 +169,48 @@ def make_executor_class():
                 print(f"flotilla: fork server failed ({err!r}); starting flwr-clientapp instead",
                       file=sys.stderr, flush=True)
                 return super().launch(spec)
-            self._live.append(proc)
+            with self._reap_lock:
+                self._live.append(proc)
+            if self._memory is not None:
+                threading.Thread(target=self._answer_if_it_dies, args=(proc, spec, self._memory.oom_kills()),
+                                 name=f"watch-{proc.name}", daemon=True).start()
             return LaunchResult.accepted()
 
+        def _answer_if_it_dies(self, proc, spec, oom_kills_before: int) -> None:
+            """A fork that ends without replying (the kernel's OOM killer, any signal, an exit code) gets its
+            message answered at once (flotilla.runtime.dead_clientapps), not after Flower's token expiry."""
+            from multiprocessing.connection import wait
+
+            wait([proc.sentinel])
+            with self._reap_lock:  # the sentinel's exit status is read once, here or in reconcile()
+                proc.join(0)
+                code = proc.exitcode
+            if code is None:
+                return
+            reason = dead_clientapps.describe_exit(code, self._memory.oom_kills() - oom_kills_before,
+                                                   self._memory.limit())
+            if reason is None:
+                return
+            if dead_clientapps.notify_task_failed(spec, reason, quiet=code > 0):
+                print(f"flotilla: {proc.name}: {reason.removeprefix(dead_clientapps.REASON_PREFIX)}; "
+                      "its message is answered with Flower's error reply now", file=sys.stderr, flush=True)
+
         def reconcile(self) -> None:
-            self._live = [p for p in self._live if p.is_alive()]  # is_alive() reaps finished ones
+            with self._reap_lock:
+                self._live = [p for p in self._live if p.is_alive()]  # is_alive() reaps finished ones
             self._servers = [p for p in self._servers if p.poll() is None]
 
         def close(self) -> None:
-            for p in self._live:
-                if p.is_alive():
-                    p.terminate()
+            with self._reap_lock:
+                live = [p for p in self._live if p.is_alive()]
+            for p in live:
+                p.terminate()
             for p in self._servers:
                 if p.poll() is None:
                     p.terminate()
-            for p in self._live:
-                p.join(5)
+            for p in live:
+                with self._reap_lock:
+                    p.join(5)
             for p in self._servers:
                 try:
                     p.wait(5)

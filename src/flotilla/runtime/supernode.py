@@ -130,6 +130,10 @@ def main() -> None:
         _warn("could not shorten the object pull back-off")
     if not report_node_id():
         _warn("could not report the node id")
+    from flotilla.runtime import dead_clientapps
+
+    if not dead_clientapps.disabled() and not dead_clientapps.answer_failed_clientapps():
+        _warn("could not answer a dead ClientApp's message at once (Flower answers it when its heartbeat expires)")
     if not engine_tuning.reuse_built_supernode_app():
         _warn("could not reuse the SuperNode's built API app")
     from flotilla.runtime import object_batches

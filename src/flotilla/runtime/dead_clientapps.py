@@ -1,0 +1,168 @@
+"""A ClientApp process that dies before replying is answered at once, with Flower's own error reply.
+
+Flower answers the message of a ClientApp that died only when the task's
+token expires for want of heartbeats (`ClientApp stopped responding.`, about
+two minutes later): every round waits that long for a device whose ClientApp
+the kernel killed at its memory limit. Flotilla's executor (in the device's
+SuperExec) sees the fork exit at once, so:
+
+- the SuperExec (`notify_task_failed`) tells its SuperNode the task FAILED,
+  with why (the memory limit, or the signal), over the runtime API with the
+  task's own token, as a ClientApp that catches an exception does;
+- the SuperNode (`answer_failed_clientapps`) answers a failed ClientApp task's
+  unanswered message with Flower's CLIENT_APP_CRASHED error carrying that
+  reason: the same reply Flower gives when the token expires, minutes
+  earlier. The ServerApp's strategy, its own push/pull loop or a workflow
+  (SecAgg+) sees an error reply and goes on without the device.
+
+Like Flower's token-expiry path, the reply goes to the run's messages the
+node has handed out and not answered (a ClientApp that replied before dying
+is left alone). A message whose ClientApp replied with its own error is
+untouched: that error is already the reply.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+REASON_PREFIX = "Flotilla: "
+
+
+def describe_exit(exitcode: int, oom_kills_during: int, memory_limit: int | None) -> str | None:
+    """Why a ClientApp process ended without replying, for its error reply; None for a clean exit.
+
+    exitcode as multiprocessing reports it (-N: killed by signal N); oom_kills_during: OOM kills the
+    kernel counted in the device's memory group while the process ran."""
+    if exitcode == 0:
+        return None
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        if -exitcode == signal.SIGKILL and oom_kills_during > 0:
+            limit = f" ({_mib(memory_limit)})" if memory_limit else ""
+            return (f"{REASON_PREFIX}the kernel killed the ClientApp at the device's memory limit{limit} "
+                    "before it replied")
+        return f"{REASON_PREFIX}the ClientApp was killed by {name} before it replied"
+    return f"{REASON_PREFIX}the ClientApp exited with code {exitcode} before it replied"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**30:g} GiB" if n % 2**30 == 0 else f"{round(n / 2**20)} MiB"
+
+
+class OwnMemoryGroup:
+    """This process's memory cgroup (v1 or v2; inside a container, the container's): its OOM kills and limit."""
+
+    def __init__(self) -> None:
+        self.dir, self.version = _own_memory_dir()
+
+    def oom_kills(self) -> int:
+        if self.dir is None:
+            return 0
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        try:
+            for line in (self.dir / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def limit(self) -> int | None:
+        if self.dir is None:
+            return None
+        name = "memory.max" if self.version == 2 else "memory.limit_in_bytes"
+        try:
+            text = (self.dir / name).read_text().strip()
+        except OSError:
+            return None
+        if not text.isdigit() or int(text) >= 2**62:  # "max" / v1's page-rounded LONG_MAX
+            return None
+        return int(text)
+
+
+def _own_memory_dir() -> tuple[Path | None, int]:
+    try:
+        from flotilla.sandbox.cgroup_layout import detect_layout
+    except ImportError:
+        return None, 0
+    layout, _ = detect_layout()
+    if layout is None:
+        return None, 0
+    role = "memory" if layout.version == 1 else next(iter(layout.bases))
+    return layout.bases.get(role), layout.version
+
+
+def notify_task_failed(spec, reason: str, quiet: bool = False) -> bool:
+    """Tell the SuperNode that the ClientApp task `spec` (flwr's ExecutionSpec) FAILED, and why. quiet: a
+    refusal is expected (a ClientApp that exits with a code after an exception has finished its task itself)."""
+    try:
+        from flwr.common.constant import SubStatus
+        from flwr.proto.runtime_pb2 import PushTaskOutputRequest
+        from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+        from flwr.supercore.retry import make_simple_http_retry_invoker
+        from flwr.supercore.runtime import RuntimeHttpClient
+        from flwr.supercore.tls import validate_and_resolve_root_certificates
+    except ImportError as err:
+        print(f"flotilla: cannot report the dead ClientApp to the SuperNode ({err}); Flower answers its message "
+              "when the task's heartbeat expires", file=sys.stderr, flush=True)
+        return False
+    retry = make_simple_http_retry_invoker()
+    retry.max_tries = 2
+    try:
+        client = RuntimeHttpClient.from_server_address(
+            server_address=spec.runtime_api_address, insecure=spec.insecure,
+            root_certificates=validate_and_resolve_root_certificates(spec.root_certificates_path, spec.insecure),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                          RuntimeTokenHttpInterceptor(spec.token)],
+            retry_invoker=retry)
+        try:
+            client.PushTaskOutput(PushTaskOutputRequest(sub_status=SubStatus.FAILED, details=reason))
+        finally:
+            client.close()
+    except Exception as err:  # noqa: BLE001 - the task is finished already, or the SuperNode is gone too
+        if not quiet:
+            print(f"flotilla: could not report the dead ClientApp to the SuperNode: {err!r}", file=sys.stderr,
+                  flush=True)
+        return False
+    return True
+
+
+def answer_failed_clientapps() -> bool:
+    """SuperNode side: a ClientApp task finished FAILED gets its unanswered message answered with Flower's
+    CLIENT_APP_CRASHED error (the reason the task reported), as Flower does when its token expires."""
+    try:
+        from flwr.app import Error
+        from flwr.common.constant import ErrorCode, SubStatus
+        from flwr.supercore.constant import TaskType
+        from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+    except ImportError:
+        return False
+    shipped = InMemoryNodeState.__dict__.get("finish_task")
+    store = getattr(InMemoryNodeState, "_store_error_replies", None)
+    if shipped is None or store is None or not hasattr(ErrorCode, "CLIENT_APP_CRASHED"):
+        return False
+    if getattr(shipped, "_flotilla", False):
+        return True
+
+    def finish_task(self, task_id, sub_status, details, *args, **kwargs):
+        finished = shipped(self, task_id, sub_status, details, *args, **kwargs)
+        if finished and sub_status == SubStatus.FAILED and str(details).startswith(REASON_PREFIX):
+            tasks = self.get_tasks(task_ids=[task_id])
+            if tasks and tasks[0].type == TaskType.CLIENT_APP:
+                self._store_error_replies({tasks[0].run_id}, Error(ErrorCode.CLIENT_APP_CRASHED, str(details)))
+        return finished
+
+    finish_task._flotilla = True
+    InMemoryNodeState.finish_task = finish_task
+    return True
+
+
+def disabled() -> bool:
+    return os.environ.get("FLOTILLA_ANSWER_DEAD_CLIENTAPPS", "1") == "0"

@@ -1,0 +1,1 @@
+"""hungry-numpy: a Flower app whose training needs a set amount of memory."""

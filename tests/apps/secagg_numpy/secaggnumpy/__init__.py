@@ -1,0 +1,1 @@
+"""secagg-numpy: SecAgg+ over a NumPy model."""
