@@ -91,17 +91,24 @@ ran = threading.Event()
 def main(grid, context):
     ran.set()
 
+out = threading.Lock()
+
+def emit(line):  # one line, one write, under a lock: lines of the two threads never interleave
+    with out:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
 def call():
     try:
         app(grid=None, context=None)
     except RuntimeError as err:
-        print("refused:", err, flush=True)
+        emit(f"refused: {err}")
 
 t = threading.Thread(target=call)
+emit("started")
 t.start()
-print("started", flush=True)
 t.join(60)
-print("ran" if ran.is_set() else "did not run", flush=True)
+emit("ran" if ran.is_set() else "did not run")
 """
 
 
@@ -129,16 +136,39 @@ def test_a_held_app_starts_once_the_driver_says_the_fleet_is_connected(tmp_path)
             proc.wait()
 
 
-def test_a_held_app_whose_driver_is_gone_does_not_start(tmp_path):
+def _stale_lease(tmp_path: Path) -> Path:
     from flotilla.contracts import OWNER_TIMEOUT_S
 
     lease = tmp_path / "owner.lease"
     lease.touch()
     old = time.time() - OWNER_TIMEOUT_S - 5
     os.utime(lease, (old, old))  # the driver was SIGKILLed before the fleet came up
-    proc = _held(tmp_path, lease)
+    return lease
+
+
+def test_a_held_app_whose_driver_is_gone_does_not_start(tmp_path):
+    proc = _held(tmp_path, _stale_lease(tmp_path))
     out, _ = proc.communicate(timeout=60)
-    assert "refused: the run's driver is gone" in out and out.strip().endswith("did not run"), out
+    assert out.splitlines() == ["started", f"refused: the run's driver is gone (its lease {tmp_path / 'owner.lease'} "
+                                "is stale); not starting the app", "did not run"], out
+
+
+def test_a_held_app_whose_driver_is_gone_does_not_start_on_a_busy_machine(tmp_path):
+    """Twenty times in a row while every core is kept busy (the refusal once interleaved with "started")."""
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        for i in range(20):
+            d = tmp_path / str(i)
+            d.mkdir()
+            proc = _held(d, _stale_lease(d))
+            out, _ = proc.communicate(timeout=120)
+            assert out.splitlines()[0] == "started" and out.splitlines()[-1] == "did not run", (i, out)
+            assert len(out.splitlines()) == 3 and out.splitlines()[1].startswith("refused: the run's driver is gone"), (
+                i, out)
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
 
 
 ROUTES = """
