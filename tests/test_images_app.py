@@ -59,7 +59,10 @@ def fake_app(root: Path, deps: list[str], name: str = "tab-app") -> Path:
     """A minimal Flower App directory declaring `deps`."""
     (root / "tabapp").mkdir(parents=True, exist_ok=True)
     (root / "tabapp" / "__init__.py").write_text("")
-    (root / "tabapp" / "client_app.py").write_text("import tabulate\n\nTABLE = tabulate.tabulate([[1, 2]])\n")
+    # a real app whose ClientApp needs a package this venv lacks (the image has it: devices import it there)
+    (root / "tabapp" / "client_app.py").write_text("import tabulate\nfrom flwr.clientapp import ClientApp\n\n"
+                                                   "TABLE = tabulate.tabulate([[1, 2]])\napp = ClientApp()\n")
+    (root / "tabapp" / "server_app.py").write_text("from flwr.serverapp import ServerApp\n\napp = ServerApp()\n")
     deps_toml = ", ".join(json.dumps(d) for d in deps)
     (root / "pyproject.toml").write_text(f"""[project]
 name = "{name}"

@@ -74,7 +74,8 @@ def _check_metrics_port(port: int) -> None:
             fail(f"--metrics-port {port}: {e.strerror or e}; pick a free port (or 0 for none)")
 
 
-def _load(job_file: Path, target: Optional[str]):
+def _load(job_file: Path, target: Optional[str], check_app: bool = True):
+    from flotilla.appcheck import check_app_imports
     from flotilla.targets import REGISTRY, check_job
 
     job = load_job(job_file)
@@ -83,6 +84,10 @@ def _load(job_file: Path, target: Optional[str]):
         fail(f"--target: {target!r} is not available; choose one of {', '.join(REGISTRY)}")
     check_job(job, target)
     check_fleet(job, target)  # spreads this target can give; on local, the fleet's memory fits this machine
+    if check_app:  # a user's app whose ServerApp/ClientApp does not import is refused here, in a child process
+        note = check_app_imports(job.app_spec(), target)
+        if note:
+            err.print(f"note: {escape(note)}", highlight=False, soft_wrap=True)
     return job, target
 
 
@@ -105,7 +110,7 @@ def run(
     from flotilla.driver import create_run, run_job
     from flotilla.runs import RunRecord
 
-    job, target = _load(job_file, target)
+    job, target = _load(job_file, target, check_app=run_dir is None)  # --run-dir: `submit` has checked the app
     if dry_run:
         from flotilla.plan import make_plan
 
@@ -149,10 +154,15 @@ def _print_result(summary: dict, rec, json_out: bool) -> None:
     acc = summary["final_accuracy"]
     acc_s = f"{acc:.2%}" if acc is not None else "n/a"
     color = {"completed": "green", "stopped": "yellow"}.get(summary["status"], "red")
-    err.print(f"[{color}]{summary['status']}[/{color}]: final {summary.get('accuracy_metric', 'accuracy')} {acc_s} "
+    status = summary["status"]
+    if summary.get("degraded"):
+        color, status = "yellow", f"{status}, degraded"
+    err.print(f"[{color}]{status}[/{color}]: final {summary.get('accuracy_metric', 'accuracy')} {acc_s} "
               f"after {len(summary['rounds'])} rounds in {summary['wall_s']:.1f}s — record {rec.dir}", highlight=False)
     if summary.get("error"):
         err.print(f"  {escape(str(summary['error']))}", highlight=False)
+    for warning in summary.get("warnings", []):
+        err.print(f"  [yellow]warning[/yellow]: {escape(str(warning))}", highlight=False)
     for note in summary.get("notes", []):
         err.print(f"  note: {escape(str(note))}", highlight=False)
     report = rec.dir / "report" / "index.html"
