@@ -19,6 +19,13 @@ from flotilla.runs import RunRecord
 from flotilla.sandbox.procs import pid_alive
 
 
+def _summary_warnings(rec: RunRecord) -> list[str]:
+    """A finished run's warnings (a class that never trained), from its summary."""
+    from flotilla.summary import read_json
+
+    return list(read_json(rec.summary_path).get("warnings") or [])
+
+
 def run_status(rec: RunRecord) -> dict:
     st = rec.state()
     status = st.get("status", "unknown")
@@ -47,7 +54,7 @@ def run_status(rec: RunRecord) -> dict:
         "accuracy": rounds[-1]["accuracy"] if rounds else None, "loss": rounds[-1]["loss"] if rounds else None,
         "elapsed_s": round(end - st.get("started", st.get("created", end)), 1),
         "limits_enforced": st.get("limits_enforced"), "cpu_scale": st.get("cpu_scale", 1.0),
-        "error": st.get("error"), "devices": devices,
+        "error": st.get("error"), "warnings": _summary_warnings(rec), "devices": devices,
         "classes": class_summary(devices),
     }
 
@@ -78,6 +85,8 @@ def show_status(console: Console, s: dict, devices: str | int = "auto") -> None:
                   highlight=False)
     if s.get("error"):
         console.print(f"  error: {s['error']}", highlight=False)
+    for warning in s.get("warnings") or []:
+        console.print(f"  [yellow]warning[/yellow]: {warning}", highlight=False)
     every = s["devices"]
     if devices == "all" or (devices == "auto" and len(every) <= DENSE):
         console.print(_devices_table(every))

@@ -120,6 +120,8 @@ def write_report(run_dir: str | Path) -> Path:
     if not training:
         notices.append('<div class="notice info">No training rounds were recorded for this run'
                        f'{" (only the initial evaluation)" if rounds else ""}.</div>')
+    for warning in summary.get("warnings") or []:  # a whole class of the fleet never trained
+        notices.append(f'<div class="notice"><strong>Degraded:</strong> {html.escape(str(warning))}</div>')
     for note in summary.get("notes") or []:  # what `flotilla run` printed as notes (e.g. limits that cannot hold)
         notices.append(f'<div class="notice info">Note: {html.escape(str(note))}</div>')
 
