@@ -7,7 +7,11 @@ recovery.jsonl), the recovery time (injection -> the device back, or the
 next round completed after a server-side fault) and the rounds lost (a
 server-side fault loses the rounds after the last checkpoint; a device fault
 none). Then: wall time and final accuracy of both runs, and any process or
-cgroup left behind. Goals: every fault detected <= 5 s (a hang <= 10 s),
+cgroup left behind. Also an OOM row: the example job's fleet running an app
+(tests/apps/hungry_numpy) whose training step its smallest class cannot
+hold, 5 rounds, its slowest round against the same fleet without that class
+(goal: within 5 s; `--oom-before` adds the fleet with Flower's own wait for
+a dead ClientApp; `--oom-only` runs just these). Goals: every fault detected <= 5 s (a hang <= 10 s),
 <= 1 round lost per server-side fault, 0 per device fault, final accuracy
 within 0.5 pt, nothing left running.
 
@@ -90,12 +94,75 @@ def fault_figures(run_dir: Path) -> list[dict]:
     return out
 
 
+OOM_APP = ROOT / "tests" / "apps" / "hungry_numpy"
+OOM_WORK_MIB = 600  # the app's training step: the example's pi class (768m) cannot hold it, its server class can
+
+
+def oom_rounds(job: Path, rounds: int, work: Path, with_small: bool, answer: bool = True) -> dict:
+    """The example job's fleet running tests/apps/hungry_numpy: with its smallest-memory class (whose devices are
+    OOM-killed on every message) or without it (the baseline). answer=False: Flower's own wait for a dead ClientApp."""
+    from flotilla.job import parse_memory
+
+    doc = yaml.safe_load(job.read_text())
+    devices = [{k: v for k, v in c.items() if k != "train"} for c in doc["devices"]]
+    small = min(devices, key=lambda c: parse_memory(c["memory"]))
+    fleet = devices if with_small else [c for c in devices if c is not small]
+    doc = {"name": "oom", "app": str(OOM_APP), "rounds": rounds, "app_config": {"work-mib": OOM_WORK_MIB},
+           "strategy": {"min_devices": 2}, "memory_check": "note", "local": doc.get("local", {}),
+           "devices": fleet, "runs_dir": str(work / "runs")}
+    path = work / "oom.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    env = os.environ | ({} if answer else {"FLOTILLA_ANSWER_DEAD_CLIENTAPPS": "0"})
+    res = subprocess.run([sys.executable, "-m", "flotilla.cli", "run", str(path), "--json"], capture_output=True,
+                         text=True, timeout=3600, env=env)
+    if not res.stdout.strip():
+        raise RuntimeError(f"flotilla run printed no summary:\n{res.stderr[-2000:]}")
+    s = json.loads(res.stdout.strip().splitlines()[-1])
+    walls = [r["wall_s"] for r in s["rounds"]]
+    return {"status": s["status"], "rounds": len(walls), "slowest_round_s": max(walls) if walls else None,
+            "round_s": walls, "untrained": sorted(s.get("untrained_devices", {})),
+            "leftovers": processes_of(work / "runs" / s["run_id"]) + cgroups_of(s["run_id"])}
+
+
+def oom_figures(args) -> dict:
+    oom = {}
+    with tempfile.TemporaryDirectory(prefix="flotilla-oom-") as tmp:
+        cases = [("oom", True, True), ("baseline", False, True)] + ([("before", True, False)] if args.oom_before
+                                                                    else [])
+        for name, with_small, answer in cases:
+            (Path(tmp) / name).mkdir()
+            print(f"running the OOM fleet ({name})...", file=sys.stderr, flush=True)
+            oom[name] = oom_rounds(args.job, args.oom_rounds, Path(tmp) / name, with_small, answer)
+    print(f"\n{'OOM fleet':12}{'status':>11}{'rounds':>8}{'slowest round s':>17}  untrained")
+    for name, o in oom.items():
+        print(f"{name:12}{o['status']:>11}{o['rounds']:>8}{o['slowest_round_s'] or 0:>17.2f}  "
+              f"{', '.join(o['untrained'])}")
+    out = {"oom_round_s": oom["oom"]["slowest_round_s"], "oom_baseline_round_s": oom["baseline"]["slowest_round_s"],
+           "oom_before_round_s": oom.get("before", {}).get("slowest_round_s"),
+           "oom_leftovers": [x for o in oom.values() for x in o["leftovers"]], "oom": oom}
+    out["oom_goal_met"] = (out["oom_round_s"] is not None and out["oom_baseline_round_s"] is not None
+                           and out["oom_round_s"] <= out["oom_baseline_round_s"] + 5)
+    print(f"OOM: slowest round {out['oom_round_s']} s vs {out['oom_baseline_round_s']} s without the class "
+          f"(goal: within 5 s): {'met' if out['oom_goal_met'] else 'NOT met'}"
+          + (f"; Flower's own wait: {out['oom_before_round_s']} s" if args.oom_before else ""))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--job", type=Path, default=ROOT / "examples" / "mnist.yaml")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--oom-rounds", type=int, default=5)
+    ap.add_argument("--oom-only", action="store_true", help="only the OOM rows")
+    ap.add_argument("--oom-before", action="store_true",
+                    help="also the OOM fleet with Flower's own wait for a dead ClientApp (a minute per round)")
     args = ap.parse_args(argv)
+    oom_out = oom_figures(args)
+    if args.oom_only:
+        if args.json:
+            print(json.dumps(oom_out | {"load_avg_1m": os.getloadavg()[0]}))
+        return 0
     with tempfile.TemporaryDirectory(prefix="flotilla-faults-") as tmp:
         tmp = Path(tmp)
         (tmp / "clean").mkdir()
@@ -133,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                    "final_accuracy": faulty["final_accuracy"], "recoveries": len(faulty.get("recoveries", []))},
         "undetected": [f["fault"] for f in figures if f["detect_s"] is None],
         "load_avg_1m": os.getloadavg()[0],
-    }
+    } | oom_out
     goals = (out["max_detect_s"] is not None and out["max_detect_s"] <= 5 and not out["undetected"]
              and (out["max_hang_detect_s"] or 0) <= 10 and (out["max_rounds_lost_server"] or 0) <= 1
              and out["rounds_lost_device"] == 0 and gap is not None and abs(gap) <= 0.5 and not leftovers)

@@ -4,6 +4,8 @@ Per round: wall time, the slowest device's training time, and the overhead
 (their difference: everything that is not training). Four fleets of 4
 devices on this machine, one after the other:
   flotilla  - the example job (examples/mnist.yaml) through `flotilla run`;
+  unshared  - the same with `local: {shared: false}` (every device imports flwr, torch and the app itself:
+              the layout before shared fleets became the default), for submit -> round 1 side by side;
   user_app  - bench/baseline_app through `flotilla run`, on the example job's
               fleet (same CPU quotas, memory enough for the app): a user's app,
               unchanged. Its "training" is the time the app's own code runs per
@@ -15,6 +17,7 @@ devices on this machine, one after the other:
               ClientApp process, client-side evaluation, Flower's default polling);
   floor     - bench/noop_app on the same plain engine: a ClientApp that imports
               only flwr and trains nothing.
+Also submit -> round 1 of the example job ("example_round1_s"; goal <= 10 s; `--round1-only` runs just that).
 Goals: flotilla's median overhead <= floor's + 1.0 s; the user app's through
 Flotilla within 1.0 s of the built-in app's.
 
@@ -29,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -39,11 +43,17 @@ ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 from run_plain import prepared_app, read_rounds, run_app, start_plain_fleet, stop_fleet, summarize  # noqa: E402
 
+ROUND1 = {}  # fleet name -> seconds from `flotilla run` to round 1's first message
 
-def run_flotilla(job_path: Path, rounds: int, work: Path, app: Path | None = None) -> list[dict]:
-    """The job through `flotilla run`; with `app`, that Flower App on the job's fleet instead of the built-in."""
+
+def run_flotilla(job_path: Path, rounds: int, work: Path, app: Path | None = None, local: dict | None = None,
+                 name: str = "flotilla") -> list[dict]:
+    """The job through `flotilla run`; with `app`, that Flower App on the job's fleet instead of the built-in;
+    with `local`, those local-target options over the job's. Notes submit -> round 1 in ROUND1[name]."""
     doc = yaml.safe_load(job_path.read_text())
     doc |= {"rounds": rounds, "runs_dir": str(work / "runs")}
+    if local is not None:
+        doc["local"] = doc.get("local", {}) | local
     if app is not None:
         doc |= {"app": str(prepared_app(app, work / "apps")), "name": "user-app"}
         doc.pop("train", None)  # the app's own training settings stand
@@ -54,12 +64,16 @@ def run_flotilla(job_path: Path, rounds: int, work: Path, app: Path | None = Non
             cls["memory"] = USER_APP_MEMORY
     job = work / "job.yaml"
     job.write_text(yaml.safe_dump(doc))
+    t0 = time.time()
     res = subprocess.run([sys.executable, "-m", "flotilla.cli", "run", str(job), "--json"],
                          capture_output=True, text=True, timeout=1800)
     if res.returncode != 0:
         raise RuntimeError(f"flotilla run failed:\n{res.stderr[-2000:]}")
     summary = json.loads(res.stdout.strip().splitlines()[-1])
-    rounds = read_rounds(work / "runs" / summary["run_id"] / "metrics.jsonl")
+    record = work / "runs" / summary["run_id"]
+    first = json.loads((record / "round_starts.jsonl").read_text().splitlines()[0])
+    ROUND1[name] = round(first["t_start"] - t0, 2)
+    rounds = read_rounds(record / "metrics.jsonl")
     if app is not None:  # the app's own code's time per round (observed on the devices) is its "training"
         for r in rounds:
             app_s = max(((d.get("compute_s") or 0.0) + ((d.get("evaluate") or {}).get("compute_s") or 0.0)
@@ -84,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--job", type=Path, default=ROOT / "examples" / "mnist.yaml")
     ap.add_argument("--skip-baseline", action="store_true", help="the baseline takes ~40 s per round")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--round1-only", action="store_true",
+                    help="only submit -> round 1 of the example job, shared (the default) and unshared")
     args = ap.parse_args(argv)
     devices = sum(d.get("count", 1) for d in yaml.safe_load(args.job.read_text())["devices"])
 
@@ -91,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="flotilla-bench-") as tmp:
         tmp = Path(tmp)
         plan = [("flotilla", lambda w: run_flotilla(args.job, args.rounds, w)),
-                ("user_app", lambda w: run_flotilla(args.job, args.rounds, w, app=BENCH / "baseline_app")),
+                ("unshared", lambda w: run_flotilla(args.job, args.rounds, w, local={"shared": False},
+                                                    name="unshared")),
+                ("user_app", lambda w: run_flotilla(args.job, args.rounds, w, app=BENCH / "baseline_app",
+                                                    name="user_app")),
                 ("floor", lambda w: run_plain("noop", devices, args.rounds, w))]
+        if args.round1_only:
+            plan = plan[:2]
         if not args.skip_baseline:
             plan.insert(2, ("baseline", lambda w: run_plain("baseline", devices, args.rounds, w)))
         for name, fn in plan:
@@ -109,9 +130,19 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in results.items():
         print(f"{name:10}{'':>6}{s['median_wall_s']:>9.2f}{s['median_slowest_train_s']:>17.2f}"
               f"{s['median_overhead_s']:>12.2f}")
+    print(f"\nsubmit -> round 1 (example job): {ROUND1.get('flotilla')} s shared (the default), "
+          f"{ROUND1.get('unshared')} s unshared (local.shared: false); goal <= 10 s")
+    if args.round1_only:
+        if args.json:
+            print(json.dumps({"example_round1_s": ROUND1.get("flotilla"),
+                              "example_round1_unshared_s": ROUND1.get("unshared"),
+                              "load_avg_1m": os.getloadavg()[0]}))
+        return 0
     fl, floor = results["flotilla"]["median_overhead_s"], results["floor"]["median_overhead_s"]
     user = results["user_app"]["median_overhead_s"]
     out = {
+        "example_round1_s": ROUND1.get("flotilla"),
+        "example_round1_unshared_s": ROUND1.get("unshared"),
         "flotilla_overhead_s": fl,
         "baseline_overhead_s": results.get("baseline", {}).get("median_overhead_s"),
         "floor_overhead_s": floor,

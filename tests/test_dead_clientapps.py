@@ -13,6 +13,9 @@ def test_why_a_clientapp_died_is_said_in_its_error_reply():
     assert describe_exit(-signal.SIGKILL, 0, 2**30).endswith("killed by SIGKILL before it replied")  # not the kernel's OOM
     assert "killed by SIGSEGV" in describe_exit(-signal.SIGSEGV, 0, None)
     assert describe_exit(3, 0, None).endswith("exited with code 3 before it replied")
+    from flwr.supercore.exit import ExitCode
+
+    assert describe_exit(ExitCode.TASK_PROC_EXCEPTION % 256, 0, None) is None  # it replied with the app's error
 
 
 def _node_with_a_retrieved_message():

@@ -20,8 +20,9 @@ def last_json(stdout: str) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_run_two_devices_two_rounds(job_file, tmp_path):
-    res = flotilla("run", job_file(), "--json", cwd=tmp_path, timeout=600)
+@pytest.mark.parametrize("shared", [True, False], ids=["shared", "unshared"])
+def test_run_two_devices_two_rounds(job_file, tmp_path, shared):
+    res = flotilla("run", job_file(local={"shared": shared}), "--json", cwd=tmp_path, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     s = last_json(res.stdout)
     assert s["status"] == "completed" and s["error"] is None
@@ -60,8 +61,10 @@ def test_run_two_devices_two_rounds(job_file, tmp_path):
     assert json.loads(st.stdout)["status"] == "completed"
     lg = flotilla("logs", s["run_id"], "--device", "dev-1", "--runs-dir", tmp_path / "runs")
     assert "flotilla device dev-1: started" in lg.stdout
-    # ClientApps were forks of the warm process, and every latency patch applied (none fell back)
-    assert "ClientApps start as forks of a warm process" in lg.stdout
+    # ClientApps were forks of the warm process (the run's zygote where shared), and every latency patch applied
+    # (none fell back)
+    assert ("ClientApps start as forks of this SuperExec (a fork of the run's zygote)" if shared else
+            "ClientApps start as forks of a warm process") in lg.stdout
     assert "as shipped" not in lg.stdout and "starting flwr-clientapp instead" not in lg.stdout
     for log in (lg.stdout, run.log_path("superlink").read_text()):
         assert "request of its own" not in log and "HTTP/1.1\" 404" not in log  # objects moved in batches

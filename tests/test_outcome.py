@@ -45,3 +45,4 @@ def test_no_warning_when_every_class_trained_or_nothing_did():
     for d in per_device.values():
         d["trained_rounds"] = 0
     assert class_warnings(PLAN, per_device, 3) == []  # the run failed as a whole: its status says so
+

@@ -94,7 +94,8 @@ def test_pytorch_quickstart_with_client_evaluation_and_its_own_output_file(tmp_p
     assert s["final_accuracy"] > 0.3
     assert "serverapp/final_model.pt" in s["outputs"]  # written by the app to its working directory
     assert (run.dir / "outputs" / "serverapp" / "final_model.pt").stat().st_size > 1000
-    log = run.log_path("dev-1").read_text()
+    # the run's warm process (every device's processes fork from it) and a device
+    log = run.log_path("zygote").read_text() + run.log_path("dev-1").read_text()
     assert "preloaded ClientApp module torchquickstart.client" in log  # no Flotilla trainer; the app's own code
     assert "trainer ready" not in log
 

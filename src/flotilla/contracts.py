@@ -104,6 +104,10 @@ class RecordPaths:
     def logs(self) -> Path:
         return self.dir / "logs"
 
+    @property
+    def probe(self) -> Path:  # round 1's messages measured before they are sent (flotilla.memory_check)
+        return self.dir / "probe"
+
 
 STAMP_KEY = "flotilla.observed"  # the ConfigRecord a Flotilla device adds to each reply (removed on the server)
 
@@ -119,7 +123,13 @@ OWNER_LEASE_ENV = "FLOTILLA_OWNER_LEASE"  # the driver's lease file: the fleet s
 # "1": the hosted ServerApp waits for the driver's word that the fleet is connected (RecordPaths.fleet) before
 # running the app; the driver then submits the app while the fleet still starts (Target.holds_app_for_fleet)
 HOLD_FOR_FLEET_ENV = "FLOTILLA_HOLD_FOR_FLEET"
+# "1": the hosted ServerApp leaves round 1's first train messages for the driver to measure (memory_check)
+# and sends them once it has its verdict
+MEMORY_PROBE_ENV = "FLOTILLA_MEMORY_PROBE"
 SOCKETS_DIR_ENV = "FLOTILLA_SOCKETS_DIR"  # where a local device makes its sockets (the run's sockets_dir)
+# a shared fleet's device: its memory limit as the job declares it, in bytes (the kernel holds its group to less:
+# what it shares with the run's zygote is counted as its own; targets.shared_fleet). Its processes report this.
+DEVICE_MEMORY_ENV = "FLOTILLA_DEVICE_MEMORY_BYTES"
 OWNER_TIMEOUT_S = 10.0
 
 

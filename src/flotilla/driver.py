@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from flotilla.capacity import cpu_note
 from flotilla.contracts import RecordPaths, trained
 from flotilla.diagnose import app_failure
-from flotilla.errors import RunFailure, StoppedError
+from flotilla.errors import RunFailure, StoppedError, UserError
 from flotilla.faults import FaultSchedule
 from flotilla.flower_control import ControlError, FlowerControl
 from flotilla.job import Job
+from flotilla.memory_check import MemoryProbe
 from flotilla.plan import Plan, make_plan
 from flotilla.runs import JsonlTail, RunRecord, append_jsonl, write_json
 from flotilla.runtime.checkpoint import read_checkpoint, request_resume
@@ -97,6 +98,7 @@ class Driver:
 
         self.throttler = Throttler(run) if job.heterogeneity.throttle else None
         self.faults = FaultSchedule(run, job.faults, target) if job.faults else None
+        self.memory = MemoryProbe(job, self.plan, run, target, self._note)
 
     # -- signals -------------------------------------------------------------
     def _on_signal(self, signum, _frame) -> None:
@@ -148,6 +150,9 @@ class Driver:
             except (TargetError, RunFailure) as err:
                 status, error = "failed", str(err)
                 self._stop_flower_run()
+            except UserError as err:  # the job cannot work as written, found once the fleet is up (memory_check)
+                status, error = "refused", str(err)
+                self._stop_flower_run()
             except Exception as err:  # noqa: BLE001 - any crash still ends in a clean teardown and a record
                 status, error = "failed", f"{type(err).__name__}: {err}"
                 self._stop_flower_run()
@@ -194,6 +199,7 @@ class Driver:
         if early:
             self._submit(fed, resume)
         connected = self._wait_for_fleet(on_update)
+        self.target.fleet_warm(self.run)
         self.run.write_state(status="running", control_address=fed.control_address)
         write_json(self.paths.fleet, {"t": time.time(), "connected": connected, "devices": len(self.plan.devices)})
         if not early:
@@ -320,6 +326,7 @@ class Driver:
             if faults is not None:
                 for rec in faults.tick():
                     self.progress.message = f"fault injected: {rec.get('what') or rec.get('error')}"
+            self.memory.tick()
             self.devices.check()
             if time.time() - last_health >= HEALTH_EVERY_S:
                 last_health = time.time()

@@ -30,4 +30,6 @@ class StoppedError(FlotillaError):
     exit_code = 130
 
 
-EXIT_CODES = {"completed": 0, "failed": RunFailure.exit_code, "stopped": StoppedError.exit_code}
+# "refused": the run was stopped before round 1 because the job cannot work as written (e.g. memory_check)
+EXIT_CODES = {"completed": 0, "failed": RunFailure.exit_code, "stopped": StoppedError.exit_code,
+              "refused": UserError.exit_code}

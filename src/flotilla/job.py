@@ -7,6 +7,7 @@ error into the one-line message users see (`JobError`, exit code 2).
 from __future__ import annotations
 
 import re
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -227,9 +228,11 @@ class Fault(_Strict):
 
 class LocalOptions(_Strict):
     shared: bool = Field(
-        False, description="Devices fork from one warm process per run (flwr, the app and torch imported once) "
-        "and share its read-only memory: ~5x less memory per device and start-up in seconds for dense fleets. "
-        "A device's memory limit then counts what it uses beyond the shared pages.")
+        True, description="Devices fork from one warm process per run (flwr, the app and torch imported once) "
+        "and share its read-only memory: start-up in seconds and a fraction of the host memory per device. Each "
+        "device is still held to its class's memory limit as if its processes held their own copies: the kernel "
+        "holds its group to the limit less what they would have held (measured by the warm process). False: each "
+        "device's processes start Python and import everything themselves.")
     fit_cpus: bool = Field(
         False, description="Scale every device's CPU limit by one factor so that the fleet's limits fit this "
         "machine's cores (less 0.5 for the SuperLink and the ServerApp). Devices then never compete for a core, so "
@@ -238,6 +241,14 @@ class LocalOptions(_Strict):
 
 
 AppConfigValue = bool | int | float | str
+
+
+class MemoryCheck(str, Enum):
+    """What a run does when a class's memory cannot hold one message of the app (measured before round 1)."""
+
+    REFUSE = "refuse"  # stop the run, exit 2, saying which class needs how much
+    NOTE = "note"  # go on (its devices' messages fail at once) with a note in the output and the summary
+    OFF = "off"  # do not measure
 
 
 class Job(_Strict):
@@ -254,6 +265,10 @@ class Job(_Strict):
     heterogeneity: Heterogeneity = Heterogeneity()
     recovery: Recovery = Recovery()
     local: LocalOptions = LocalOptions()
+    memory_check: MemoryCheck = Field(
+        MemoryCheck.REFUSE, description="Before round 1 the app's ClientApp runs once on round 1's message for each "
+        "class (local target, shared fleet) and its memory is measured: refuse stops a run where a class cannot "
+        "hold it (exit 2, naming the class and the memory it needs); note goes on with a note; off skips it.")
     faults: list[Fault] = Field([], description="Faults to inject (tests, demos): kill or pause a process.")
     devices: list[DeviceClass] = Field(min_length=1)
     target: Literal["local", "compose", "swarm", "k8s"] = "local"

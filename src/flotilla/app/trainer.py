@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flotilla.contracts import RUN_CONFIG_FILE
+from flotilla.contracts import DEVICE_MEMORY_ENV, RUN_CONFIG_FILE
 
 
 def _f(cfg: dict, key: str, default=None):
@@ -182,9 +182,12 @@ class Trainer:
         try:
             from flotilla.sandbox.cgroups import effective_limits_of_self
 
-            return effective_limits_of_self()
+            limits = effective_limits_of_self()
         except Exception:  # no cgroup view (macOS, odd containers): report unknown limits
             return {"cpus": None, "memory": None}
+        if limits.get("memory") and os.environ.get(DEVICE_MEMORY_ENV):  # a shared fleet: the device's own limit
+            limits["memory"] = int(os.environ[DEVICE_MEMORY_ENV])
+        return limits
 
     def capability(self, cfg: dict | None = None) -> dict:
         """Limits and throughput; given the run's config, also loads the device's partition now

@@ -28,6 +28,8 @@ import signal
 import sys
 from pathlib import Path
 
+from flotilla.contracts import DEVICE_MEMORY_ENV
+
 REASON_PREFIX = "Flotilla: "
 
 
@@ -48,7 +50,20 @@ def describe_exit(exitcode: int, oom_kills_during: int, memory_limit: int | None
             return (f"{REASON_PREFIX}the kernel killed the ClientApp at the device's memory limit{limit} "
                     "before it replied")
         return f"{REASON_PREFIX}the ClientApp was killed by {name} before it replied"
+    if exitcode in _finished_itself():
+        return None  # flwr's run_clientapp replied with the app's error and finished its task before exiting
     return f"{REASON_PREFIX}the ClientApp exited with code {exitcode} before it replied"
+
+
+def _finished_itself() -> set[int]:
+    """Exit statuses of a ClientApp process that caught the app's exception, replied with it and finished its
+    task (flwr's ExitCode, as the kernel reports it: modulo 256)."""
+    try:
+        from flwr.supercore.exit import ExitCode
+    except ImportError:
+        return set()
+    names = ("TASK_PROC_EXCEPTION", "COMMON_APP_IMPORT_ERROR", "COMMON_RUNTIME_DEPENDENCY_INSTALLATION_ERROR")
+    return {getattr(ExitCode, n) % 256 for n in names if hasattr(ExitCode, n)}
 
 
 def _mib(n: int) -> str:
@@ -75,6 +90,8 @@ class OwnMemoryGroup:
         return 0
 
     def limit(self) -> int | None:
+        if os.environ.get(DEVICE_MEMORY_ENV, "").isdigit():  # a shared fleet's device: its limit as declared
+            return int(os.environ[DEVICE_MEMORY_ENV])
         if self.dir is None:
             return None
         name = "memory.max" if self.version == 2 else "memory.limit_in_bytes"

@@ -41,6 +41,11 @@ NAMES: list[tuple[str, str, str]] = [
     ("flwr.supercore.cli", "flower_superexec", "superexec: the SuperExec itself"),
     ("flwr.supercore.tls", "validate_and_resolve_root_certificates", "superexec: a forked ClientApp's TLS"),
     ("flwr.supernode.runtime.run_clientapp", "run_clientapp", "superexec: what a forked ClientApp runs"),
+    # imports deferred until used (flotilla.runtime.lean_imports)
+    ("flwr.supercore.object_store.sql_object_store", "SqlObjectStore", "lean_imports: the SuperNode's SQL store"),
+    ("flwr.supercore.cli.flwr_agentapp", "flwr_agentapp", "lean_imports: an entry point the SuperExec never runs"),
+    ("flwr.supercore.cli.flwr_connector", "flwr_connector", "lean_imports: the same"),
+    ("flwr.supercore.cli.flwr_model", "flwr_model", "lean_imports: the same"),
     # a dead ClientApp's message answered at once (flotilla.runtime.dead_clientapps)
     ("flwr.supernode.nodestate.in_memory_nodestate", "InMemoryNodeState.finish_task",
      "dead_clientapps: a FAILED ClientApp task answers its message"),
@@ -52,6 +57,7 @@ NAMES: list[tuple[str, str, str]] = [
     ("flwr.supercore.interceptors", "RuntimeTokenHttpInterceptor", "dead_clientapps: the dead task's token"),
     ("flwr.supercore.retry", "make_simple_http_retry_invoker", "dead_clientapps: a short retry"),
     ("flwr.proto.runtime_pb2", "PushTaskOutputRequest", "dead_clientapps: the task's FAILED status"),
+    ("flwr.supercore.exit", "ExitCode.TASK_PROC_EXCEPTION", "dead_clientapps: a ClientApp that replied itself"),
     ("flwr.clientapp.utils", "load_app", "preload: compares the FAB with the preloaded code first"),
     ("flwr.clientapp", "ClientApp.__call__", "stamp: a reply's compute time"),
     # the SuperLink and the ServerApp (flotilla.runtime.superlink, serverapp, observer)

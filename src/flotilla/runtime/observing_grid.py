@@ -10,17 +10,20 @@ for sampling (get_node_ids leaves them out).
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Iterable
 
-from flwr.app import Message
+from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
-from flotilla.contracts import DeviceStatus
+from flotilla.contracts import MEMORY_PROBE_ENV, OWNER_LEASE_ENV, DeviceStatus
 from flotilla.runtime.observer import Observer
 
 POLL_S = 0.1  # pulls while waiting for replies (HttpGrid: 3 s)
 LOST_CHECK_S = 1.0  # how often the lost-device list is re-read while waiting
+PROBE_WAIT_S = 240.0  # the driver's verdict on round 1's messages (memory_check.PROBE_TIMEOUT_S and some)
 
 
 class ObservingGrid(Grid):
@@ -28,6 +31,9 @@ class ObservingGrid(Grid):
 
     def __init__(self, grid: Grid, observer: Observer, poll_s: float = POLL_S) -> None:
         self._grid, self.observer, self.poll_s = grid, observer, poll_s
+        # memory_check: round 1's first train messages are measured before they go (once per run)
+        self._probe_pending = (os.environ.get(MEMORY_PROBE_ENV) == "1" and observer.paths is not None
+                               and not (observer.paths.probe / "verdict.json").exists())
 
     # the abstract Grid API, delegated
     def set_run(self, run) -> None:
@@ -52,6 +58,9 @@ class ObservingGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
+        if self._probe_pending and any(m.metadata.message_type == MessageType.TRAIN for m in messages):
+            self._probe_pending = False
+            probe_before_sending(messages, self.observer)
         ids = [str(i) for i in self._grid.push_messages(messages)]
         self.observer.sent(messages, ids, time.time())
         return ids
@@ -102,6 +111,36 @@ class ObservingGrid(Grid):
                 self.observer.given_up(mid, DeviceStatus.LOST, reason, now)
                 out.append(node_unavailable_reply(msg, reason))
         return out
+
+
+def probe_before_sending(messages: list[Message], observer: Observer) -> None:
+    """Leave, per device class, the message for one of its devices for the driver to measure
+    (flotilla.memory_check), and wait for its verdict before round 1 goes out. A driver that refuses the run
+    stops it meanwhile; a driver that is gone (its lease stale) or silent past the wait lets the round go."""
+    import pickle
+
+    from flotilla.runtime.lease import owner_gone
+
+    d = observer.paths.probe
+    d.mkdir(parents=True, exist_ok=True)
+    chosen: dict[str, str] = {}
+    for m in messages:
+        if m.metadata.message_type != MessageType.TRAIN:
+            continue
+        device, cls = observer.name_of(m.metadata.dst_node_id)
+        if cls and cls not in chosen:
+            (d / f"{device}.msg").write_bytes(pickle.dumps(m))
+            chosen[cls] = device
+    if not chosen:
+        return
+    tmp = d / "request.json.tmp"
+    tmp.write_text(json.dumps({"devices": chosen, "t": time.time()}))
+    os.replace(tmp, d / "request.json")
+    print(f"flotilla: measuring one train message per device class before round 1 ({', '.join(chosen)})",
+          flush=True)
+    lease, end = os.environ.get(OWNER_LEASE_ENV), time.time() + PROBE_WAIT_S
+    while not (d / "verdict.json").exists() and time.time() < end and not owner_gone(lease):
+        time.sleep(0.1)
 
 
 def node_unavailable_reply(msg: Message, reason: str) -> Message:

@@ -30,10 +30,23 @@ PRELOADED: dict[str, Path] = {}  # module name -> its file, for modules loaded f
 APP_DIR: Path | None = None
 
 
+def clientapp_ref(app_dir: Path) -> str:
+    """The app's ClientApp reference as its pyproject.toml declares it ("module:attribute")."""
+    doc = tomllib.loads((Path(app_dir) / "pyproject.toml").read_text())
+    return doc["tool"]["flwr"]["app"]["components"]["clientapp"]
+
+
 def clientapp_module(app_dir: Path) -> str:
-    doc = tomllib.loads((app_dir / "pyproject.toml").read_text())
-    ref = doc["tool"]["flwr"]["app"]["components"]["clientapp"]
-    return ref.partition(":")[0]
+    return clientapp_ref(app_dir).partition(":")[0]
+
+
+def load_component(ref: str):
+    """The object a "module:attribute" reference names (the module imported, or found preloaded)."""
+    module, _, attr = ref.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def preload(app_dir: str | None = None) -> str | None:

@@ -182,10 +182,13 @@ def make_executor_class():
             from multiprocessing.connection import wait
 
             wait([proc.sentinel])
-            with self._reap_lock:  # the sentinel's exit status is read once, here or in reconcile()
-                proc.join(0)
+            with self._reap_lock:  # the exit status is read once, here or in reconcile()
+                # the sentinel closes as the process exits, a moment before it can be reaped: wait for that
+                proc.join(5)
                 code = proc.exitcode
             if code is None:
+                print(f"flotilla: {proc.name}: closed its sentinel but did not exit; its message is left to Flower",
+                      file=sys.stderr, flush=True)
                 return
             reason = dead_clientapps.describe_exit(code, self._memory.oom_kills() - oom_kills_before,
                                                    self._memory.limit())
@@ -261,6 +264,9 @@ def _forget_main_module() -> None:
 
 def main() -> None:
     _forget_main_module()
+    from flotilla.runtime.lean_imports import defer_unused_imports
+
+    defer_unused_imports()  # before flwr: the other entry points of flwr.supercore.cli (~33 MiB)
     from flotilla.runtime.engine_tuning import WAKE_FD_ENV, superexec_waits_for_wakeups
 
     client_side = os.environ.get(ROLE_ENV, "client") == "client"

@@ -131,9 +131,28 @@ def _close_fds_but(keep: set[int]) -> None:
                 pass
 
 
-def warm(app_dir: str | None, builtin: bool) -> None:
+def memory_now() -> dict:
+    """This process's resident memory: anonymous (its own heap: what a fresh process importing the same
+    would hold again) and in all (with the files it maps, which processes share through the page cache)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "VmRSS"):
+                out["anon" if key == "RssAnon" else "rss"] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def warm(app_dir: str | None, builtin: bool, measured: dict | None = None) -> None:
+    """Import and warm up everything a device runs. measured, if given, gets this process's memory after
+    flwr's device runtime ("runtime") and after the app ("warm") (the device's memory accounting)."""
     import importlib
 
+    from flotilla.runtime.lean_imports import defer_unused_imports
+
+    defer_unused_imports()  # what no device process uses is not in the image every device shares
     for name in PRELOAD:
         importlib.import_module(name)
     for name in PRELOAD_IF_PRESENT:
@@ -141,6 +160,9 @@ def warm(app_dir: str | None, builtin: bool) -> None:
             importlib.import_module(name)
         except ImportError:
             pass
+    if measured is not None:
+        gc.collect()
+        measured["runtime"] = memory_now()
     if builtin:  # the built-in app's ClientApp, and its trainer's torch, model and data
         for name in ("flotilla.app.client_app", "flotilla.app.trainer", "flotilla.app.task", "flotilla.data"):
             importlib.import_module(name)
@@ -160,6 +182,8 @@ def warm(app_dir: str | None, builtin: bool) -> None:
         preload.warm_up_frameworks()
     gc.collect()
     gc.freeze()  # the forks' GC passes leave the zygote's objects (and so its pages) alone
+    if measured is not None:
+        measured["warm"] = memory_now()
 
 
 def prime_routes(app) -> int:
@@ -245,7 +269,9 @@ def main() -> None:
     ap.add_argument("--exits", required=True)
     ap.add_argument("--preload-app")
     ap.add_argument("--builtin", action="store_true")
+    ap.add_argument("--measure", help="write this process's memory at its stages here (JSON)")
     args = ap.parse_args()
+    measured = {"bare": memory_now()}
     from flotilla.contracts import OWNER_LEASE_ENV
     from flotilla.runtime.lease import watch_owner
 
@@ -255,8 +281,13 @@ def main() -> None:
 
     watch_owner(os.environ.get(OWNER_LEASE_ENV), owner_gone)
     t0 = time.perf_counter()
-    warm(args.preload_app, args.builtin)
-    print(f"flotilla zygote: warm in {time.perf_counter() - t0:.1f} s", flush=True)
+    warm(args.preload_app, args.builtin, measured)
+    if args.measure:
+        tmp = f"{args.measure}.tmp"
+        Path(tmp).write_text(json.dumps(measured))
+        os.replace(tmp, args.measure)
+    print(f"flotilla zygote: warm in {time.perf_counter() - t0:.1f} s (memory: "
+          + ", ".join(f"{k} {v.get('anon', 0) / 2**20:.0f} MiB anon" for k, v in measured.items()) + ")", flush=True)
     serve(args.socket, Path(args.exits))
 
 

@@ -36,6 +36,7 @@ from flotilla.sandbox.cgroupfs import (
 )
 
 _MAX_SEARCH_DEPTH = 10
+MIN_PRIVATE_BYTES = 32 * 2**20  # the least a device's own processes get beside what they share
 
 
 @dataclass
@@ -43,15 +44,23 @@ class DeviceCgroup:
     name: str  # e.g. flotilla/<run-id>/<device>, relative to each base
     version: int
     dirs: dict[str, Path]  # role -> this group's directory in that hierarchy
+    # Memory the device's processes share with the run's zygote (charged to the zygote, not to this group),
+    # counted as the device's own: the kernel holds the group to (limit - shared_bytes), and limits and usage
+    # are read back with it added, so a shared device fails where one holding its own copy would.
+    shared_bytes: int = 0
 
     # creation ---------------------------------------------------------------
     @classmethod
     def create(
-        cls, name: str, cpus: float | None = None, memory: int | None = None, *, layout: Layout | None = None
+        cls, name: str, cpus: float | None = None, memory: int | None = None, *, layout: Layout | None = None,
+        shared_bytes: int = 0,
     ) -> "DeviceCgroup | None":
         """Create the group with the given limits; None when this process cannot manage cgroups."""
         _check_name(name)
         _check_limits(cpus, memory)
+        if memory is not None and memory - shared_bytes < MIN_PRIVATE_BYTES:
+            raise CgroupError(f"{name}: a memory limit of {memory} bytes leaves {memory - shared_bytes} beside the "
+                              f"{shared_bytes} its processes share; at least {MIN_PRIVATE_BYTES} are needed")
         if layout is None:
             ok, _reason = cgroups_available()
             if not ok:
@@ -59,7 +68,7 @@ class DeviceCgroup:
             layout, _ = detect_layout()
             if layout is None:
                 return None
-        cg = cls(name, layout.version, {role: base / name for role, base in layout.bases.items()})
+        cg = cls(name, layout.version, {role: base / name for role, base in layout.bases.items()}, shared_bytes)
         try:
             if layout.version == 2:
                 d = layout.bases[_V2]
@@ -101,7 +110,8 @@ class DeviceCgroup:
 
     # state ------------------------------------------------------------------
     def to_state(self) -> dict:
-        return {"name": self.name, "version": self.version, "dirs": {r: str(d) for r, d in self.dirs.items()}}
+        return {"name": self.name, "version": self.version, "dirs": {r: str(d) for r, d in self.dirs.items()},
+                "shared_bytes": self.shared_bytes}
 
     @classmethod
     def from_state(cls, state: dict) -> "DeviceCgroup":
@@ -109,12 +119,13 @@ class DeviceCgroup:
             version = int(state["version"])
             dirs = {str(r): Path(d) for r, d in state["dirs"].items()}
             name = str(state["name"])
+            shared = int(state.get("shared_bytes", 0))
         except (KeyError, TypeError, ValueError, AttributeError):
             raise CgroupError(f"cgroup state {state!r}: expected keys name, version, dirs") from None
         needed = {_V2} if version == 2 else {"cpu", "memory"}
         if version not in (1, 2) or not needed <= dirs.keys():
             raise CgroupError(f"cgroup state {state!r}: version 1 needs dirs cpu and memory, version 2 needs unified")
-        return cls(name, version, dirs)
+        return cls(name, version, dirs, shared)
 
     def _unique_dirs(self) -> list[Path]:
         return list(dict.fromkeys(self.dirs.values()))
@@ -151,8 +162,14 @@ class DeviceCgroup:
 
     # limits -----------------------------------------------------------------
     def set_limits(self, cpus: float | str | None = None, memory: int | str | None = None) -> None:
-        """Rewrite limits live. None leaves a limit as it is; UNLIMITED removes it."""
+        """Rewrite limits live. None leaves a limit as it is; UNLIMITED removes it. A memory limit is the
+        device's (the kernel holds its group to the limit less shared_bytes)."""
         _check_limits(cpus, memory)
+        if memory is not None and memory != UNLIMITED and self.shared_bytes:
+            if int(memory) - self.shared_bytes < MIN_PRIVATE_BYTES:
+                raise CgroupError(f"{self.name}: a memory limit of {int(memory)} bytes leaves too little beside "
+                                  f"the {self.shared_bytes} its processes share")
+            memory = int(memory) - self.shared_bytes
         if self.version == 2:
             self._set_v2(cpus, memory)
         else:
@@ -188,9 +205,10 @@ class DeviceCgroup:
 
     def read_limits(self) -> dict:
         """What the kernel holds now: {"cpus": float | None, "memory": int | None} (None = no limit)."""
+        memory = _memory_limit(self.version, self._dir("memory"))
         return {
             "cpus": _cpu_limit(self.version, self._dir("cpu")),
-            "memory": _memory_limit(self.version, self._dir("memory")),
+            "memory": None if memory is None else memory + self.shared_bytes,
         }
 
     # accounting -------------------------------------------------------------
@@ -201,15 +219,16 @@ class DeviceCgroup:
             current = int(_read(d / "memory.current"))
             return {
                 "cpu_seconds": _keyed(_read(d / "cpu.stat")).get("usage_usec", 0) / 1e6,
-                "memory_bytes": current,
-                "memory_peak_bytes": int(_read(d / "memory.peak", str(current))),  # memory.peak: kernel >= 5.19
+                "memory_bytes": current + self.shared_bytes,
+                # memory.peak: kernel >= 5.19
+                "memory_peak_bytes": int(_read(d / "memory.peak", str(current))) + self.shared_bytes,
             }
         acct = self.dirs.get("cpuacct")
         mem = self.dirs["memory"]
         return {
             "cpu_seconds": int(_read(acct / "cpuacct.usage")) / 1e9 if acct else None,
-            "memory_bytes": int(_read(mem / "memory.usage_in_bytes")),
-            "memory_peak_bytes": int(_read(mem / "memory.max_usage_in_bytes")),
+            "memory_bytes": int(_read(mem / "memory.usage_in_bytes")) + self.shared_bytes,
+            "memory_peak_bytes": int(_read(mem / "memory.max_usage_in_bytes")) + self.shared_bytes,
         }
 
     def memory_pressure(self) -> dict:

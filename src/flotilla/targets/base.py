@@ -68,6 +68,14 @@ class Target(ABC):
         """Device name -> 'running' | 'exited' | 'starting' | 'stopped'."""
 
     @abstractmethod
+    def fleet_warm(self, run: RunRecord) -> None:
+        """Every device is connected and warm (round 1 is next): where the target must, it settles limits now."""
+
+    def probe_message(self, run: RunRecord, device: str, message: Path, out: Path):
+        """Run one message of the app for a device of its class in a group without limits and write what it
+        cost to `out` (flotilla.memory_check); returns a handle with destroy(), or None where it cannot."""
+        return None
+
     def down(self, run: RunRecord) -> None:
         """Stop and remove everything `up` started. Idempotent; safe from any process."""
 

@@ -20,7 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from flotilla.contracts import OWNER_LEASE_ENV, SOCKETS_DIR_ENV, RecordPaths
+from flotilla.contracts import DEVICE_MEMORY_ENV, MEMORY_PROBE_ENV, OWNER_LEASE_ENV, SOCKETS_DIR_ENV, RecordPaths
+from flotilla.job import MemoryCheck
 from flotilla.plan import Plan, format_node_config
 from flotilla.runs import STATE_FILE, RunRecord
 from flotilla.runtime.commands import device_command, device_threads, flower_env, record_env, superlink_command
@@ -122,6 +123,8 @@ class LocalTarget(Target):
         server_env = env | record_env(str(run.dir), run_id=run.run_id, job_name=job.name,
                                       policy=job.heterogeneity.policy, accuracy_metric=job.metrics.accuracy,
                                       loss_metric=job.metrics.loss, hold_for_fleet=self.holds_app_for_fleet)
+        if job.local.shared and not plan.app.builtin and job.memory_check != MemoryCheck.OFF:
+            server_env[MEMORY_PROBE_ENV] = "1"  # round 1's messages measured first (flotilla.memory_check)
         # the zygote warms up (imports flwr, torch, the app: seconds) while the SuperLink starts
         zygote = self._start_zygote(plan, run, env) if job.local.shared else None
         self._start_superlink(run, server_env, port)
@@ -134,13 +137,73 @@ class LocalTarget(Target):
         run.write_state(limits_enforced=bool(enforce and want_limits), limits_note=reason, cpu_scale=scale)
         if want_limits and not enforce:
             print(f"flotilla: warning: devices run without their CPU/memory limits ({reason})", file=sys.stderr)
+        shared = self._shared_bytes(plan, run) if zygote is not None and enforce else 0
         for d in plan.devices:
-            cg = None
+            cg, dev_env = None, env
             if enforce and (d.cpus is not None or d.memory is not None):
                 cg = DeviceCgroup.create(group_name(run.run_id, d.name), None if d.cpus is None else d.cpus * scale,
-                                         d.memory)
-            self._start_device(plan, run, d.name, env, cg)
+                                         d.memory, shared_bytes=shared if d.memory is not None else 0)
+            if shared and d.memory is not None:
+                dev_env = env | {DEVICE_MEMORY_ENV: str(d.memory)}
+            self._start_device(plan, run, d.name, dev_env, cg)
         return Federation(control_address=f"127.0.0.1:{port}", output_dir=str(run.dir))
+
+    @staticmethod
+    def _shared_bytes(plan: Plan, run: RunRecord) -> int:
+        """What each device's processes would hold themselves (targets.shared_fleet), measured by the zygote;
+        a class whose memory limit cannot hold that is refused here, before any device starts."""
+        from flotilla.errors import UserError
+        from flotilla.job import format_memory
+        from flotilla.sandbox.device_cgroup import MIN_PRIVATE_BYTES
+        from flotilla.targets.shared_fleet import read_measure, unshared_at_rest
+
+        measured = read_measure(run.dir / "zygote.json")
+        shared = unshared_at_rest(measured, plan.app.builtin) or 0
+        run.write_state(shared_memory_bytes=shared, zygote_memory=measured)
+        for idx, cls in enumerate(plan.job.devices):
+            small = [d for d in plan.devices if d.device_class == cls.name and d.memory is not None
+                     and d.memory - shared < MIN_PRIVATE_BYTES]
+            if small:
+                raise UserError(
+                    f"devices[{idx}].memory: {format_memory(min(d.memory for d in small))} cannot hold a device of "
+                    f"this app: its processes (SuperNode, SuperExec, the app's warm process) need "
+                    f"~{format_memory(shared + MIN_PRIVATE_BYTES)} before any message (measured); raise it")
+        return shared
+
+    def fleet_warm(self, run: RunRecord) -> None:
+        """A shared fleet's devices are warm: each is held to its limit less what a device holding its own copies
+        holds at rest, plus what it holds itself now (targets.shared_fleet.settle)."""
+        from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
+        from flotilla.targets.shared_fleet import settle
+
+        st = run.state()
+        at_rest = st.get("shared_memory_bytes")
+        if not at_rest:
+            return
+        memory = {d["name"]: d["memory"] for d in run.plan()["devices"]}
+        cgroups = dict(st.get("cgroups", {}))
+        for name, cstate in cgroups.items():
+            if not memory.get(name) or not cstate.get("shared_bytes"):
+                continue
+            try:
+                cg = DeviceCgroup.from_state(cstate)
+                settle(cg, memory[name], at_rest)
+            except (CgroupError, OSError) as err:
+                print(f"flotilla: could not settle the memory limit of {name}: {err}", file=sys.stderr)
+                continue
+            cgroups[name] = cg.to_state()
+        run.write_state(cgroups=cgroups)
+
+    def probe_message(self, run: RunRecord, device: str, message: Path, out: Path):
+        """Run one message of the app on a fork of the zygote in a group without limits (targets.shared_fleet);
+        the group to remove when done, or None where this fleet cannot (not shared, no cgroups)."""
+        from flotilla.targets.shared_fleet import start_probe
+
+        st = run.state()
+        if not st.get("zygote_socket") or not st.get("limits_enforced"):
+            return None
+        return start_probe(run, st["zygote_socket"], device, message, out, _workdir(run, f"probe-{device}"),
+                           run.log_path("probe"), self._fleet_env(run))
 
     @staticmethod
     def _fleet_env(run: RunRecord) -> dict:
@@ -181,7 +244,8 @@ class LocalTarget(Target):
     def _start_zygote(self, plan: Plan, run: RunRecord, env: dict) -> tuple[subprocess.Popen, str]:
         """The run's warm process (flotilla.runtime.zygote): every device forks from it and shares its pages."""
         sock = os.path.join(run.state()["sockets_dir"], "zygote.sock")
-        cmd = [sys.executable, "-m", "flotilla.runtime.zygote", "--socket", sock, "--exits", str(run.dir / "exits")]
+        cmd = [sys.executable, "-m", "flotilla.runtime.zygote", "--socket", sock, "--exits", str(run.dir / "exits"),
+               "--measure", str(run.dir / "zygote.json")]
         cmd += ["--builtin"] if plan.app.builtin else ["--preload-app", str(run.dir / "app")]
         proc = self.procs["zygote"] = self._spawn(cmd, env, run.log_path("zygote"), None, _workdir(run, "zygote"))
         self._record(run, "zygote", proc.pid, None)

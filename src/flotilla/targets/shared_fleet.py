@@ -1,0 +1,81 @@
+"""A shared fleet's memory accounting, and the measuring of one message of the app (local target).
+
+In a shared fleet every device's processes are forks of the run's zygote:
+the imports (flwr, the app, torch) are resident once, charged to the zygote.
+A device holding only what it adds on top would fit into far less memory
+than a real device of its class, whose processes each import what they need.
+So each device is held to its class's limit as if its processes held their
+own copies: `unshared_at_rest` estimates what a device that imports
+everything itself holds at rest, from the zygote's own measurement, and the
+device's group is held to (limit - that + what the device itself holds at
+rest), so its headroom above rest is a real device's headroom.
+
+Measured (fresh processes, cgroup v1, flwr 1.42, runtime.lean_imports on): a
+device's charge at rest is its processes' anonymous memory (memory.stat rss
+is the sum of their RssAnon within 0.3 MiB; file pages 0-14 MiB, shared
+through the page cache): the agent, the SuperNode, the SuperExec and its
+resource tracker, the warm ClientApp process (flwr's ClientApp runtime and
+the app's imports) and, for the built-in app, a trainer with torch and the
+data. Against the zygote's runtime stage R (65 MiB anon) and its app stage A
+(what the app's imports added): devices of tests/apps/msg_numpy (A = 1 MiB)
+held 222 MiB at rest, of tests/apps/torch_quickstart (A = 190) 424, of the
+built-in app (A = 190) 455. RUNTIME_PROCESSES = 3.45 runtimes plus A is
+within +4 and -9 MiB of the first two; the built-in app's trainer, a Python
+of its own beside the warm process, adds BUILTIN_TRAINER = 40 MiB.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+RUNTIME_PROCESSES = 3.45  # a device's flwr processes, in units of the zygote's runtime stage (fitted, see above)
+BUILTIN_TRAINER = 40 * 2**20  # the built-in app's trainer: its own interpreter and numpy beside the app stage
+
+
+def settle(cg, declared: int, at_rest: int) -> None:
+    """Once a device is warm: hold its group to (declared - at_rest + what it holds now), so its headroom above
+    rest is that of a device holding its own copies, and read it back as at_rest + what it adds."""
+    own = cg.usage()["memory_bytes"] - cg.shared_bytes
+    cg.shared_bytes = max(at_rest - own, 0)
+    cg.set_limits(memory=declared)
+
+
+def unshared_at_rest(measured: dict, builtin: bool = False) -> int | None:
+    """What a device whose processes import everything themselves holds at rest (bytes), from the zygote's
+    measurement of itself (runtime.zygote.memory_now at its stages); None where it was not measured."""
+    try:
+        runtime = measured["runtime"]["anon"]
+        app = max(measured["warm"]["anon"] - runtime, 0)
+    except (KeyError, TypeError):
+        return None
+    return int(RUNTIME_PROCESSES * runtime + app + (BUILTIN_TRAINER if builtin else 0))
+
+
+def read_measure(path: Path) -> dict:
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def start_probe(run, zygote_socket: str, device: str, message: Path, out: Path, cwd: Path, log: Path, env: dict):
+    """Fork the zygote into a memory group of its own, without limits, to run one message (runtime.probe).
+    Returns the probe's DeviceCgroup (the caller removes it), or None where cgroups cannot be made."""
+    from flotilla.runtime.zygote import request
+    from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup, group_name
+
+    try:
+        cg = DeviceCgroup.create(group_name(run.run_id, f"probe-{device}"))
+    except CgroupError as err:
+        print(f"flotilla: cannot measure a message of the app on {device}: {err}", file=sys.stderr)
+        return None
+    if cg is None:
+        return None
+    memory_dir = cg.dirs.get("memory") or cg.dirs.get("unified")
+    argv = [sys.executable, "-m", "flotilla.runtime.probe", "--record", str(run.dir), "--device", device,
+            "--message", str(message), "--group-dir", str(memory_dir), "--out", str(out)]
+    request(zygote_socket, argv, env, str(cwd), str(log), cg.procs_files())
+    return cg
