@@ -139,60 +139,23 @@ class LocalTarget(Target):
             print(f"flotilla: warning: devices run without their CPU/memory limits ({reason})", file=sys.stderr)
         shared = self._shared_bytes(plan, run) if zygote is not None and enforce else 0
         for d in plan.devices:
-            cg, dev_env = None, env
+            cg = None
             if enforce and (d.cpus is not None or d.memory is not None):
                 cg = DeviceCgroup.create(group_name(run.run_id, d.name), None if d.cpus is None else d.cpus * scale,
                                          d.memory, shared_bytes=shared if d.memory is not None else 0)
-            if shared and d.memory is not None:
-                dev_env = env | {DEVICE_MEMORY_ENV: str(d.memory)}
-            self._start_device(plan, run, d.name, dev_env, cg)
+            self._start_device(plan, run, d.name, env, cg)
         return Federation(control_address=f"127.0.0.1:{port}", output_dir=str(run.dir))
 
     @staticmethod
     def _shared_bytes(plan: Plan, run: RunRecord) -> int:
-        """What each device's processes would hold themselves (targets.shared_fleet), measured by the zygote;
-        a class whose memory limit cannot hold that is refused here, before any device starts."""
-        from flotilla.errors import UserError
-        from flotilla.job import format_memory
-        from flotilla.sandbox.device_cgroup import MIN_PRIVATE_BYTES
-        from flotilla.targets.shared_fleet import read_measure, unshared_at_rest
+        from flotilla.targets.shared_fleet import measure_fleet
 
-        measured = read_measure(run.dir / "zygote.json")
-        shared = unshared_at_rest(measured, plan.app.builtin) or 0
-        run.write_state(shared_memory_bytes=shared, zygote_memory=measured)
-        for idx, cls in enumerate(plan.job.devices):
-            small = [d for d in plan.devices if d.device_class == cls.name and d.memory is not None
-                     and d.memory - shared < MIN_PRIVATE_BYTES]
-            if small:
-                raise UserError(
-                    f"devices[{idx}].memory: {format_memory(min(d.memory for d in small))} cannot hold a device of "
-                    f"this app: its processes (SuperNode, SuperExec, the app's warm process) need "
-                    f"~{format_memory(shared + MIN_PRIVATE_BYTES)} before any message (measured); raise it")
-        return shared
+        return measure_fleet(plan, run)
 
     def fleet_warm(self, run: RunRecord) -> None:
-        """A shared fleet's devices are warm: each is held to its limit less what a device holding its own copies
-        holds at rest, plus what it holds itself now (targets.shared_fleet.settle)."""
-        from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
-        from flotilla.targets.shared_fleet import settle
+        from flotilla.targets.shared_fleet import settle_fleet
 
-        st = run.state()
-        at_rest = st.get("shared_memory_bytes")
-        if not at_rest:
-            return
-        memory = {d["name"]: d["memory"] for d in run.plan()["devices"]}
-        cgroups = dict(st.get("cgroups", {}))
-        for name, cstate in cgroups.items():
-            if not memory.get(name) or not cstate.get("shared_bytes"):
-                continue
-            try:
-                cg = DeviceCgroup.from_state(cstate)
-                settle(cg, memory[name], at_rest)
-            except (CgroupError, OSError) as err:
-                print(f"flotilla: could not settle the memory limit of {name}: {err}", file=sys.stderr)
-                continue
-            cgroups[name] = cg.to_state()
-        run.write_state(cgroups=cgroups)
+        settle_fleet(run)
 
     def probe_message(self, run: RunRecord, device: str, message: Path, out: Path):
         """Run one message of the app on a fork of the zygote in a group without limits (targets.shared_fleet);
@@ -227,6 +190,8 @@ class LocalTarget(Target):
 
     def _start_device(self, plan: Plan, run: RunRecord, name: str, env: dict, cg) -> None:
         st = run.state()
+        if cg is not None and cg.shared_bytes and plan.device(name).memory is not None:
+            env = env | {DEVICE_MEMORY_ENV: str(plan.device(name).memory)}  # its processes report the declared limit
         cmd = self._device_command(plan, plan.device(name), f"127.0.0.1:{st['superlink_port']}", free_port(),
                                    str(run.dir), sys.executable)
         if st.get("zygote_socket"):  # a shared fleet: the device is a fork of the run's warm zygote
@@ -276,7 +241,7 @@ class LocalTarget(Target):
             cg = DeviceCgroup.from_state(cstate) if cstate else None
         except CgroupError:
             cg = None
-        self._start_device(plan, run, device, self._fleet_env(run), cg)
+        self._start_device(plan, run, device, self._fleet_env(run), cg)  # (the same group: its limit holds)
 
     def superlink_alive(self, run: RunRecord) -> bool | None:
         proc = self.procs.get("superlink")

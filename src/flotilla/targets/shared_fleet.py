@@ -79,3 +79,48 @@ def start_probe(run, zygote_socket: str, device: str, message: Path, out: Path, 
             "--message", str(message), "--group-dir", str(memory_dir), "--out", str(out)]
     request(zygote_socket, argv, env, str(cwd), str(log), cg.procs_files())
     return cg
+
+
+def measure_fleet(plan, run) -> int:
+    """What a device holding its own copies holds at rest, from the zygote's measurement (0: not measured); a
+    class whose memory limit cannot hold that is refused here, before any device starts."""
+    from flotilla.errors import UserError
+    from flotilla.job import format_memory
+    from flotilla.sandbox.device_cgroup import MIN_PRIVATE_BYTES
+
+    measured = read_measure(run.dir / "zygote.json")
+    shared = unshared_at_rest(measured, plan.app.builtin) or 0
+    run.write_state(shared_memory_bytes=shared, zygote_memory=measured)
+    for idx, cls in enumerate(plan.job.devices):
+        small = [d for d in plan.devices if d.device_class == cls.name and d.memory is not None
+                 and d.memory - shared < MIN_PRIVATE_BYTES]
+        if small:
+            raise UserError(
+                f"devices[{idx}].memory: {format_memory(min(d.memory for d in small))} cannot hold a device of "
+                f"this app: its processes (SuperNode, SuperExec, the app's warm process) need "
+                f"~{format_memory(shared + MIN_PRIVATE_BYTES)} before any message (measured); raise it")
+    return shared
+
+
+def settle_fleet(run) -> None:
+    """The fleet is warm: each device of a shared fleet is held to its limit less what a device holding its own
+    copies holds at rest, plus what it holds itself now (settle)."""
+    from flotilla.sandbox.cgroups import CgroupError, DeviceCgroup
+
+    st = run.state()
+    at_rest = st.get("shared_memory_bytes")
+    if not at_rest:
+        return
+    memory = {d["name"]: d["memory"] for d in run.plan()["devices"]}
+    cgroups = dict(st.get("cgroups", {}))
+    for name, cstate in cgroups.items():
+        if not memory.get(name) or not cstate.get("shared_bytes"):
+            continue
+        try:
+            cg = DeviceCgroup.from_state(cstate)
+            settle(cg, memory[name], at_rest)
+        except (CgroupError, OSError) as err:
+            print(f"flotilla: could not settle the memory limit of {name}: {err}", file=sys.stderr)
+            continue
+        cgroups[name] = cg.to_state()
+    run.write_state(cgroups=cgroups)
