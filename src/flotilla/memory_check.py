@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 
@@ -108,6 +109,9 @@ class MemoryProbe:
         """Called by the driver's loop. Raises MemoryRefused when a class fails and the job says refuse."""
         if self.done or not (self.dir / "request.json").exists():
             return
+        if (self.dir / "verdict.json").exists():  # said before this driver (a resumed run): once per run
+            self.done = True
+            return
         if self.started is None:
             self._start()
         finished = all((self.dir / f"{dev}.json").exists() or group is None for dev, group in self.started.values())
@@ -134,7 +138,11 @@ class MemoryProbe:
         request = json.loads((self.dir / "request.json").read_text())
         self.started, self.t0 = {}, time.time()
         for cls, dev in request.get("devices", {}).items():
-            group = self.target.probe_message(self.run, dev, self.dir / f"{dev}.msg", self.dir / f"{dev}.json")
+            try:
+                group = self.target.probe_message(self.run, dev, self.dir / f"{dev}.msg", self.dir / f"{dev}.json")
+            except Exception as err:  # noqa: BLE001 - not measured is said in the verdict; the run goes on
+                print(f"flotilla: could not measure a message of the app on {dev}: {err}", file=sys.stderr)
+                group = None
             self.started[cls] = (dev, group)
 
     def _needs(self) -> list[ClassNeed]:
