@@ -67,7 +67,6 @@ class Target(ABC):
     def device_states(self, run: RunRecord) -> dict[str, str]:
         """Device name -> 'running' | 'exited' | 'starting' | 'stopped'."""
 
-    @abstractmethod
     def fleet_warm(self, run: RunRecord) -> None:
         """Every device is connected and warm (round 1 is next): where the target must, it settles limits now."""
 
@@ -76,6 +75,7 @@ class Target(ABC):
         cost to `out` (flotilla.memory_check); returns a handle with destroy(), or None where it cannot."""
         return None
 
+    @abstractmethod
     def down(self, run: RunRecord) -> None:
         """Stop and remove everything `up` started. Idempotent; safe from any process."""
 
