@@ -24,9 +24,10 @@ def test_fifty_devices_complete_under_their_drawn_limits_and_leave_nothing(tmp_p
         "strategy": {"min_devices": N // 2, "start_timeout_s": 600},
         "heterogeneity": {"policy": "none"},
         "devices": [
-            # a shared device's own pages: ~110-190 MB PSS measured; the limits must also fit the machine (checked)
-            {"name": "phone", "count": 30, "cpus": {"uniform": [0.1, 0.3]}, "memory": {"choice": ["256m", "320m"]}},
-            {"name": "pi", "count": 20, "cpus": {"choice": [0.2, 0.4]}, "memory": "256m"},
+            # each device is held as if it held its own copies (the built-in app's: ~455 MiB at rest, ~500 while
+            # training, measured); on this machine it holds only its own pages (~90-110 MiB), checked to fit
+            {"name": "phone", "count": 30, "cpus": {"uniform": [0.1, 0.3]}, "memory": {"choice": ["640m", "768m"]}},
+            {"name": "pi", "count": 20, "cpus": {"choice": [0.2, 0.4]}, "memory": "640m"},
         ],
         "local": {"shared": True},
         "runs_dir": str(tmp_path / "runs"),
@@ -39,7 +40,9 @@ def test_fifty_devices_complete_under_their_drawn_limits_and_leave_nothing(tmp_p
         assert record(), proc.communicate()[1][-3000:]
         run = record().parent
         # measured: 50 devices up in ~15 s on this 2-core machine; rounds of ~20 s at these quotas
-        wait_until(lambda: (run / "metrics.jsonl").exists(), 600, "round 0 (every device connected)")
+        wait_until(lambda: (run / "metrics.jsonl").exists() or proc.poll() is not None, 600,
+                   "round 0 (every device connected)")
+        assert (run / "metrics.jsonl").exists(), proc.communicate()[1][-3000:]
         state = json.loads((run / "state.json").read_text())
         plan = {d["name"]: d for d in json.loads((run / "plan.json").read_text())["devices"]}
         assert len(plan) == N and len(state["groups"]) >= N

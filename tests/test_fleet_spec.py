@@ -237,12 +237,13 @@ def _machine(monkeypatch, free: int, source: str = "MemAvailable in /proc/meminf
 
 def test_fleet_memory_sums_limits_counts_unlimited_devices_and_headroom():
     doc = job({"name": "phone", "count": 100, "memory": {"uniform": ["512m", "1g"]}}, {"name": "pi", "count": 20})
-    need = capacity.fleet_memory(parse_job(doc))
+    need = capacity.fleet_memory(parse_job(doc | {"local": {"shared": False}}))
     drawn = sum(d.memory for d in plan_of(doc).devices if d.memory)
     assert need["devices"] == drawn + 20 * capacity.UNLIMITED_DEVICE
     assert need["total"] == need["devices"] + capacity.SERVER_HEADROOM and need["unlimited"] == 20
-    shared = capacity.fleet_memory(parse_job(doc | {"local": {"shared": True}}))
-    assert shared["devices"] == drawn + 20 * capacity.UNLIMITED_SHARED_DEVICE
+    # shared (the default): each limit less what the zygote holds for every device (the built-in app's, here)
+    shared = capacity.fleet_memory(parse_job(doc))
+    assert shared["devices"] == drawn - 100 * capacity.SHARED_AT_REST_BUILTIN + 20 * capacity.UNLIMITED_SHARED_DEVICE
     assert shared["headroom"] == capacity.SERVER_HEADROOM + capacity.SHARED_RUNTIME
 
 
@@ -253,7 +254,8 @@ def test_a_fleet_that_fits_passes(monkeypatch):
 
 def test_a_fleet_too_big_for_this_machine_is_refused_in_one_line(monkeypatch):
     _machine(monkeypatch, 8 * GiB)
-    doc = job({"name": "server", "count": 2, "memory": "1g"}, {"name": "phone", "count": 120, "memory": "768m"})
+    doc = job({"name": "server", "count": 2, "memory": "1g"}, {"name": "phone", "count": 120, "memory": "768m"},
+              local={"shared": False})
     with pytest.raises(JobError) as e:
         capacity.check_fleet(parse_job(doc), "local")
     msg = str(e.value)
@@ -261,15 +263,17 @@ def test_a_fleet_too_big_for_this_machine_is_refused_in_one_line(monkeypatch):
     assert Text.from_markup(msg).plain == msg  # printed as rich markup by the CLI
     assert "8.0 GiB available (MemAvailable in /proc/meminfo)" in msg
     assert "devices[1] 'phone'" in msg and "fewer devices" in msg and "local: {shared: true}" in msg
+    _machine(monkeypatch, 4 * GiB)
     with pytest.raises(JobError, match="smaller memory limits") as e:  # already shared: it says what that means
         capacity.check_fleet(parse_job(doc | {"local": {"shared": True}}), "local")
     assert "local: {shared: true}" not in str(e.value) and "shared runtime" in str(e.value)
+    assert "a shared device holds on this machine its limit less what its processes share" in str(e.value)
 
 
 def test_devices_without_limits_count_too(monkeypatch):
     _machine(monkeypatch, 20 * GiB)
     with pytest.raises(JobError, match="50 devices without a limit at 512 MiB each"):
-        capacity.check_fleet(parse_job(job({"name": "pi", "count": 50})), "local")
+        capacity.check_fleet(parse_job(job({"name": "pi", "count": 50}, local={"shared": False})), "local")
     capacity.check_fleet(parse_job(job({"name": "pi", "count": 50}, local={"shared": True})), "local")
 
 

@@ -33,6 +33,12 @@ SERVER_HEADROOM = 1 * GiB  # the SuperLink and the ServerApp (model, central eva
 UNLIMITED_DEVICE = 512 * MiB
 UNLIMITED_SHARED_DEVICE = 128 * MiB
 SHARED_RUNTIME = 512 * MiB  # the shared fleet's warm process (flwr, the app, torch)
+# A shared device's limit counts what it would hold at rest with its own copies (targets.shared_fleet), which the
+# zygote holds once for all: at least this much of each limit is never the host's (measured at rest: 222 MiB for
+# a NumPy app's device, 455 for the built-in app's). The rest of the limit is what the device may hold itself.
+SHARED_AT_REST = 200 * MiB
+SHARED_AT_REST_BUILTIN = 400 * MiB
+MIN_SHARED_DEVICE = 64 * MiB
 SKIP_ENV = "FLOTILLA_SKIP_MEMORY_CHECK"
 SERVER_CPUS = 0.5  # what local.fit_cpus leaves of the machine's cores to the SuperLink and the ServerApp
 PER_CLASS_TARGETS = {"k8s": "a class is one StatefulSet with one set of limits",
@@ -137,12 +143,14 @@ def fleet_memory(job: Job) -> dict:
 
     shared = job.local.shared
     unlimited_each = UNLIMITED_SHARED_DEVICE if shared else UNLIMITED_DEVICE
+    at_rest = (SHARED_AT_REST_BUILTIN if job.app_spec().builtin else SHARED_AT_REST) if shared else 0
     by_class: dict[str, int] = {}
     unlimited = 0
     for d in make_plan(job).devices:
         if d.memory is None:
             unlimited += 1
-        by_class[d.device_class] = by_class.get(d.device_class, 0) + (d.memory or unlimited_each)
+        host = max(d.memory - at_rest, MIN_SHARED_DEVICE) if d.memory and shared else (d.memory or unlimited_each)
+        by_class[d.device_class] = by_class.get(d.device_class, 0) + host
     devices = sum(by_class.values())
     headroom = SERVER_HEADROOM + (SHARED_RUNTIME if shared else 0)
     return {"total": devices + headroom, "devices": devices, "headroom": headroom, "unlimited": unlimited,
@@ -164,7 +172,8 @@ def check_memory_fits(job: Job) -> None:
         parts.append(f"{need['unlimited']} devices without a limit at {_size(need['unlimited_each'])} each")
     parts.append(f"{_size(need['headroom'])} for the SuperLink and ServerApp"
                  + (" and the shared runtime" if job.local.shared else ""))
-    shared = ("(with local.shared a limit counts only what a device adds to the shared runtime)" if job.local.shared
+    shared = ("(a shared device holds on this machine its limit less what its processes share, at least "
+              f"{_size(SHARED_AT_REST)})" if job.local.shared
               else "or local: {shared: true} (devices share the runtime's pages, ~5x less memory each; "
               "then lower the limits)")
     raise JobError(

@@ -37,6 +37,12 @@ from flotilla.sandbox.cgroupfs import (
 
 _MAX_SEARCH_DEPTH = 10
 MIN_PRIVATE_BYTES = 32 * 2**20  # the least a device's own processes get beside what they share
+PAGE = os.sysconf("SC_PAGE_SIZE")  # the kernel rounds a memory limit down to whole pages
+
+
+def page_floor(n: int) -> int:
+    """n rounded down to whole pages: a limit written less this reads back exactly plus this."""
+    return int(n) // PAGE * PAGE
 
 
 @dataclass
@@ -68,7 +74,8 @@ class DeviceCgroup:
             layout, _ = detect_layout()
             if layout is None:
                 return None
-        cg = cls(name, layout.version, {role: base / name for role, base in layout.bases.items()}, shared_bytes)
+        cg = cls(name, layout.version, {role: base / name for role, base in layout.bases.items()},
+                 page_floor(shared_bytes))
         try:
             if layout.version == 2:
                 d = layout.bases[_V2]

@@ -37,8 +37,10 @@ BUILTIN_TRAINER = 40 * 2**20  # the built-in app's trainer: its own interpreter 
 def settle(cg, declared: int, at_rest: int) -> None:
     """Once a device is warm: hold its group to (declared - at_rest + what it holds now), so its headroom above
     rest is that of a device holding its own copies, and read it back as at_rest + what it adds."""
+    from flotilla.sandbox.device_cgroup import page_floor
+
     own = cg.usage()["memory_bytes"] - cg.shared_bytes
-    cg.shared_bytes = max(at_rest - own, 0)
+    cg.shared_bytes = page_floor(max(at_rest - own, 0))
     cg.set_limits(memory=declared)
 
 
