@@ -95,7 +95,7 @@ out = threading.Lock()
 
 def emit(line):  # one line, one write, under a lock: lines of the two threads never interleave
     with out:
-        sys.stdout.write(line + "\n")
+        sys.stdout.write(line + "\\n")
         sys.stdout.flush()
 
 def call():
