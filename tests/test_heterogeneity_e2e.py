@@ -279,7 +279,10 @@ def test_auto_does_not_wait_for_a_device_throttled_mid_run(job_file, tmp_path):
         # the round ended at its deadline, without dev-3's full work: then aggregation and evaluation, which
         # took 3.5 s past a 10 s deadline during a full test run on this 2-core machine
         assert rounds[n]["wall_s"] < rounds[n]["deadline_s"] + max(3.0, 0.6 * rounds[n]["deadline_s"])
-        assert dev3[n]["status"] in ("late", "partial", "busy", "async"), dev3[n]
+        # not waited for with its full work: cut at the deadline, left running, or (on a machine so busy that every
+        # device is slow and the deadline long) its work resized to its new speed and done in time
+        resized = dev3[n]["status"] == "ok" and dev3[n].get("steps", 0) <= 0.5 * dev3[1]["steps"]
+        assert dev3[n]["status"] in ("late", "partial", "busy", "async") or resized, dev3[n]
         others = [d for d in rounds[n]["devices"] if d["name"] != "dev-3"]
         # the others' work reached the model this round: fresh, partial, or a late (stale) update
         assert any(d["status"] in ("ok", "partial", "stale") and d["steps"] > 0 for d in others), others
