@@ -26,6 +26,7 @@ from flotilla.plan import Plan, format_node_config
 from flotilla.runs import STATE_FILE, RunRecord
 from flotilla.runtime.commands import device_command, device_threads, flower_env, record_env, superlink_command
 from flotilla.runtime.engine_tuning import WAKE_ENV
+from flotilla.runtime.superexec import SERVER_ZYGOTE_ENV
 from flotilla.sandbox.procs import (
     ProcessError,
     free_port,
@@ -127,6 +128,8 @@ class LocalTarget(Target):
             server_env[MEMORY_PROBE_ENV] = "1"  # round 1's messages measured first (flotilla.memory_check)
         # the zygote warms up (imports flwr, torch, the app: seconds) while the SuperLink starts
         zygote = self._start_zygote(plan, run, env) if job.local.shared else None
+        if zygote is not None:  # the ServerApp forks from it too: torch, the app's imports and data are loaded there
+            server_env[SERVER_ZYGOTE_ENV] = zygote[1]
         self._start_superlink(run, server_env, port)
         if zygote is not None:
             self._wait_zygote(run, *zygote)
