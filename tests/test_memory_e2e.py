@@ -68,6 +68,8 @@ def _check_rounds_do_not_wait_for_the_killed(run, summary: dict) -> None:
     assert all("memory limit" in why for why in summary["untrained_devices"].values())
     (warning,) = summary["warnings"]
     assert warning.startswith("class pi: none of its 2 devices trained in 3 rounds") and "devices[1].memory" in warning
+    page = (run.dir / "report" / "index.html").read_text()
+    assert "completed, degraded" in page and "<strong>Degraded:</strong> class pi: none of its 2 devices" in page
 
 
 @pytest.mark.parametrize("loop", ["strategy", "own"])

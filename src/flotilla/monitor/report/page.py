@@ -151,7 +151,8 @@ def write_report(run_dir: str | Path) -> Path:
                 _fmt(c["train_s_total"]), _fmt(fmean([d.wait_s for d in members]))])
     wall = _num(summary.get("wall_s"))
     meta = [f"Run <code>{html.escape(str(run_id))}</code>",
-            f'status <strong class="status-{html.escape(status)}">{html.escape(status)}</strong>',
+            f'status <strong class="status-{"stopped" if summary.get("degraded") else html.escape(status)}">'
+            f'{html.escape(status)}{", degraded" if summary.get("degraded") else ""}</strong>',
             f"final accuracy <strong>{_fmt(final_acc, pct=True)}</strong>",
             f"{len(training)} training round{'s' if len(training) != 1 else ''}"]
     if summary.get("target"):
