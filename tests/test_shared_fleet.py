@@ -11,3 +11,10 @@ def test_what_a_device_holding_its_own_copies_holds_at_rest_from_the_zygotes_sta
     for app, builtin, measured in ((0.7, False, 222), (189.7, False, 424), (189.7, True, 455)):
         assert abs(unshared_at_rest(stages(app * MiB), builtin) / MiB - measured) <= 0.05 * measured
     assert unshared_at_rest({}) is None
+
+
+def test_a_starting_device_may_hold_its_own_pages_before_they_are_measured():
+    from flotilla.targets.shared_fleet import STARTING_OWN, starting_shared
+
+    assert starting_shared(455 * 2**20) == 455 * 2**20 - STARTING_OWN
+    assert starting_shared(64 * 2**20) == 0

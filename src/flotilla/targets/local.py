@@ -39,6 +39,7 @@ from flotilla.sandbox.procs import (
     wait_port,
 )
 from flotilla.targets.base import Federation, Target, TargetError
+from flotilla.targets.shared_fleet import starting_shared
 
 TEARDOWN_GRACE_S = 1.5  # the SuperLink's and zygote's time to exit on SIGTERM before SIGKILL
 LIMIT_READ_S = 5.0  # device_health re-reads a device's memory limit this often
@@ -145,7 +146,7 @@ class LocalTarget(Target):
             cg = None
             if enforce and (d.cpus is not None or d.memory is not None):
                 cg = DeviceCgroup.create(group_name(run.run_id, d.name), None if d.cpus is None else d.cpus * scale,
-                                         d.memory, shared_bytes=shared if d.memory is not None else 0)
+                                         d.memory, shared_bytes=starting_shared(shared) if d.memory is not None else 0)
             self._start_device(plan, run, d.name, env, cg)
         return Federation(control_address=f"127.0.0.1:{port}", output_dir=str(run.dir))
 

@@ -34,6 +34,17 @@ RUNTIME_PROCESSES = 3.45  # a device's flwr processes, in units of the zygote's 
 BUILTIN_TRAINER = 40 * 2**20  # the built-in app's trainer: its own interpreter and numpy beside the app stage
 
 
+# A starting device's own pages (its Python heap, pages it copies from the zygote) are no extra memory a device
+# holding its own copies would have: until settle() knows them (measured 35-110 MiB once warm), a starting device
+# is allowed this much of them.
+STARTING_OWN = 128 * 2**20
+
+
+def starting_shared(at_rest: int) -> int:
+    """What a starting device's group counts as shared: what it would hold at rest, less its own pages' allowance."""
+    return max(at_rest - STARTING_OWN, 0)
+
+
 def settle(cg, declared: int, at_rest: int) -> None:
     """Once a device is warm: hold its group to (declared - at_rest + what it holds now), so its headroom above
     rest is that of a device holding its own copies, and read it back as at_rest + what it adds."""
