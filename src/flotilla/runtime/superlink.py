@@ -108,7 +108,9 @@ def _remove_fleet_leftovers() -> None:
     try:
         from flotilla.sandbox.cgroups import cleanup_run, run_prefix
 
-        cleanup_run(run_prefix(run_id), timeout=5.0)
+        # the last process of the run standing: time enough for a large fleet's groups to empty on a busy machine
+        # (5 s once left a 50-device fleet's empty groups behind)
+        cleanup_run(run_prefix(run_id), timeout=30.0)
     except Exception as err:  # noqa: BLE001 - best effort: `flotilla stop` removes them too
         print(f"flotilla: could not remove the run's cgroups: {err}", file=sys.stderr, flush=True)
 
