@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from pathlib import Path
 
 from flotilla.contracts import DEVICE_MEMORY_ENV
 
@@ -71,49 +70,37 @@ def _mib(n: int) -> str:
 
 
 class OwnMemoryGroup:
-    """This process's memory cgroup (v1 or v2; inside a container, the container's): its OOM kills and limit."""
+    """This process's memory cgroup (v1 or v2; inside a container, the container's): its OOM kills and limit,
+    read as the device's group (sandbox.DeviceCgroup)."""
 
     def __init__(self) -> None:
-        self.dir, self.version = _own_memory_dir()
+        self.group = _own_group()
 
     def oom_kills(self) -> int:
-        if self.dir is None:
-            return 0
-        name = "memory.events" if self.version == 2 else "memory.oom_control"
         try:
-            for line in (self.dir / name).read_text().splitlines():
-                key, _, value = line.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-        except (OSError, ValueError):
-            pass
-        return 0
+            return self.group.oom_kills() if self.group is not None else 0
+        except Exception:  # noqa: BLE001 - unreadable: no kill seen
+            return 0
 
     def limit(self) -> int | None:
         if os.environ.get(DEVICE_MEMORY_ENV, "").isdigit():  # a shared fleet's device: its limit as declared
             return int(os.environ[DEVICE_MEMORY_ENV])
-        if self.dir is None:
-            return None
-        name = "memory.max" if self.version == 2 else "memory.limit_in_bytes"
         try:
-            text = (self.dir / name).read_text().strip()
-        except OSError:
+            return self.group.read_limits()["memory"] if self.group is not None else None
+        except Exception:  # noqa: BLE001
             return None
-        if not text.isdigit() or int(text) >= 2**62:  # "max" / v1's page-rounded LONG_MAX
-            return None
-        return int(text)
 
 
-def _own_memory_dir() -> tuple[Path | None, int]:
+def _own_group():
     try:
         from flotilla.sandbox.cgroup_layout import detect_layout
+        from flotilla.sandbox.device_cgroup import DeviceCgroup
     except ImportError:
-        return None, 0
+        return None
     layout, _ = detect_layout()
     if layout is None:
-        return None, 0
-    role = "memory" if layout.version == 1 else next(iter(layout.bases))
-    return layout.bases.get(role), layout.version
+        return None
+    return DeviceCgroup("self", layout.version, dict(layout.bases))
 
 
 def notify_task_failed(spec, reason: str, quiet: bool = False) -> bool:

@@ -8,7 +8,7 @@ message is the one the app's ServerApp built for a device of the class, with
 that device's node config and the run's config, so the app loads the same
 partition and trains the same way. The reply is thrown away.
 
-    python -m flotilla.runtime.probe --record DIR --device NAME --message FILE --group-dir DIR --out FILE
+    python -m flotilla.runtime.probe --record DIR --device NAME --message FILE --group JSON --out FILE
     out: {"peak_bytes", "start_bytes", "seconds", "ok", "error"?}
 """
 
@@ -24,16 +24,10 @@ import tomllib
 from pathlib import Path
 
 
-def _charge(group_dir: Path) -> tuple[int, int]:
-    """(charged now, peak so far) of a memory cgroup dir (v1 or v2)."""
-    for now, peak in (("memory.usage_in_bytes", "memory.max_usage_in_bytes"), ("memory.current", "memory.peak")):
-        if (group_dir / now).exists():
-            current = int((group_dir / now).read_text())
-            try:
-                return current, int((group_dir / peak).read_text())
-            except (OSError, ValueError):
-                return current, current
-    return 0, 0
+def _charge(group) -> tuple[int, int]:
+    """(charged now, peak so far) of the probe's own group (sandbox.DeviceCgroup)."""
+    use = group.usage()
+    return use["memory_bytes"], use["memory_peak_bytes"]
 
 
 def run_config(record: Path) -> dict:
@@ -47,7 +41,7 @@ def run_config(record: Path) -> dict:
     return cfg
 
 
-def probe(record: Path, device: str, message_file: Path, group_dir: Path) -> dict:
+def probe(record: Path, device: str, message_file: Path, group) -> dict:
     from flwr.app import Context, RecordDict
 
     from flotilla.runtime import preload
@@ -61,7 +55,7 @@ def probe(record: Path, device: str, message_file: Path, group_dir: Path) -> dic
     app = preload.load_component(spec)
     context = Context(run_id=message.metadata.run_id, node_id=message.metadata.dst_node_id,
                       node_config=node_config, state=RecordDict(), run_config=run_config(record))
-    start, _ = _charge(group_dir)
+    start, _ = _charge(group)
     t0 = time.perf_counter()
     out = {"start_bytes": start, "ok": True}
     try:
@@ -71,7 +65,7 @@ def probe(record: Path, device: str, message_file: Path, group_dir: Path) -> dic
     except Exception as err:  # noqa: BLE001 - the app's own error: the device would reply with it too
         out |= {"ok": False, "error": f"{type(err).__name__}: {err}"[:300]}
     out["seconds"] = round(time.perf_counter() - t0, 3)
-    out["peak_bytes"] = _charge(group_dir)[1]
+    out["peak_bytes"] = _charge(group)[1]
     return out
 
 
@@ -80,11 +74,13 @@ def main() -> int:
     ap.add_argument("--record", required=True)
     ap.add_argument("--device", required=True)
     ap.add_argument("--message", required=True)
-    ap.add_argument("--group-dir", required=True, help="this process's memory cgroup directory")
+    ap.add_argument("--group", required=True, help="this process's cgroup (DeviceCgroup.to_state(), JSON)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     os.environ.pop("FLOTILLA_READY_FILE", None)
-    result = probe(Path(args.record), args.device, Path(args.message), Path(args.group_dir))
+    from flotilla.sandbox.device_cgroup import DeviceCgroup
+
+    result = probe(Path(args.record), args.device, Path(args.message), DeviceCgroup.from_state(json.loads(args.group)))
     tmp = f"{args.out}.tmp"
     Path(tmp).write_text(json.dumps(result))
     os.replace(tmp, args.out)

@@ -34,6 +34,7 @@ import threading
 import time
 
 from flotilla.runtime import dead_clientapps
+from flotilla.sandbox.procs import pid_alive
 
 # Imported by the fork server once; every ClientApp fork shares them.
 PRELOAD = [
@@ -211,7 +212,7 @@ def make_executor_class():
             with self._reap_lock:
                 self._live = [p for p in self._live if p.is_alive()]  # is_alive() reaps finished ones
             self._servers = [p for p in self._servers if p.poll() is None]
-            self._forked_servers = [pid for pid in self._forked_servers if _alive(pid)]
+            self._forked_servers = [pid for pid in self._forked_servers if pid_alive(pid)]
 
         def close(self) -> None:
             with self._reap_lock:
@@ -259,18 +260,6 @@ def fork_serverapp(args: list[str], quiet: bool) -> int | None:
         print(f"flotilla: the run's zygote could not start the ServerApp ({err}); starting it as a process",
               file=sys.stderr, flush=True)
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def patch_executor(client_side: bool) -> bool:

@@ -87,9 +87,8 @@ def start_probe(run, zygote_socket: str, device: str, message: Path, out: Path, 
         return None
     if cg is None:
         return None
-    memory_dir = cg.dirs.get("memory") or cg.dirs.get("unified")
     argv = [sys.executable, "-m", "flotilla.runtime.probe", "--record", str(run.dir), "--device", device,
-            "--message", str(message), "--group-dir", str(memory_dir), "--out", str(out)]
+            "--message", str(message), "--group", json.dumps(cg.to_state()), "--out", str(out)]
     request(zygote_socket, argv, env, str(cwd), str(log), cg.procs_files())
     return cg
 
